@@ -1,0 +1,18 @@
+// The Python module tp_kernels._C. Loading it runs the TORCH_LIBRARY registrations of every source in
+// the extension; the pybind11 functions below are the host-side helpers that are not torch operators.
+#include <torch/extension.h>
+
+namespace tp_kernels {
+bool built_with_cuda() {
+#ifdef TP_KERNELS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace tp_kernels
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "tp_kernels C++/CUDA extension";
+  m.def("built_with_cuda", &tp_kernels::built_with_cuda, "whether the CUDA sources were compiled in");
+}

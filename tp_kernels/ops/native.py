@@ -1,0 +1,70 @@
+"""Torch-native implementations of the ops, registered for the CPU dispatch key.
+
+The math is tp_kernels.reference's; the communication is the TPGroup's backend chain. The same code is
+device-generic, so it is also registered for CUDA for the ops whose fused GPU kernels are not in yet
+(add_rmsnorm has its own CPU and CUDA kernels in csrc/). When a fused CUDA kernel lands, its registration
+replaces the "cuda" entry here.
+"""
+import torch
+
+from tp_kernels import reference
+from tp_kernels.distributed import resolve
+from tp_kernels.ops import checks
+
+CPU_AND_CUDA = ("cpu", "cuda")
+
+
+def _qkv_rope(x, w_qkv, b_qkv, cos_sin_cache, positions, n_heads_per_rank, n_kv_heads_per_rank, head_dim,
+              rope_style):
+    checks.check_qkv_rope(x, w_qkv, b_qkv, cos_sin_cache, positions, n_heads_per_rank, n_kv_heads_per_rank,
+                          head_dim, rope_style)
+    return reference.qkv_rope(x, w_qkv, b_qkv, cos_sin_cache, positions, n_heads_per_rank, n_kv_heads_per_rank,
+                              head_dim, rope_style)
+
+
+def _qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin_cache, positions, cache_batch_index, k_cache, v_cache,
+                       n_heads_per_rank, n_kv_heads_per_rank, head_dim, rope_style):
+    checks.check_kv_cache(x, positions, cache_batch_index, k_cache, v_cache, n_kv_heads_per_rank, head_dim)
+    q, k, v = _qkv_rope(x, w_qkv, b_qkv, cos_sin_cache, positions, n_heads_per_rank, n_kv_heads_per_rank,
+                        head_dim, rope_style)
+    reference.write_kv_cache(k, v, positions, cache_batch_index, k_cache, v_cache)
+    return q
+
+
+def _gemm_allreduce(x, w, bias, group, chunks=None):
+    """Chunk i's partial product is reduced before chunk i+1 is computed (no overlap here; the overlapped
+    pipeline replaces this). chunks=None means one chunk."""
+    checks.check_gemm(x, w, bias, chunks)
+    tp = resolve(group)
+    n_rows = x.shape[0]
+    n_chunks = max(1, min(chunks or 1, n_rows))
+    bounds = [i * n_rows // n_chunks for i in range(n_chunks + 1)]
+    out = x.new_empty((n_rows, w.shape[0]))
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        out[start:stop] = tp.all_reduce(x[start:stop] @ w.T)
+    if bias is not None:
+        out += bias  # once, after the reduction: every rank holds the full bias
+    return out
+
+
+def _all_reduce(x, group, algo="auto"):
+    return resolve(group).all_reduce(x.contiguous(), algo)
+
+
+def _all_gather(x, group, dim):
+    return resolve(group).all_gather(x.contiguous(), dim % max(x.dim(), 1))
+
+
+def _allreduce_residual_rmsnorm(x, residual, weight, eps, group):
+    checks.check_add_rmsnorm(x, residual, weight, eps)
+    return torch.ops.tp_kernels.add_rmsnorm(resolve(group).all_reduce(x.contiguous()), residual, weight, eps)
+
+
+# register_kernel used as a decorator returns None, so register after definition (the kv-cache variant
+# calls _qkv_rope directly).
+torch.library.register_kernel("tp_kernels::qkv_rope", CPU_AND_CUDA, _qkv_rope)
+torch.library.register_kernel("tp_kernels::qkv_rope_kv_cache", CPU_AND_CUDA, _qkv_rope_kv_cache)
+torch.library.register_kernel("tp_kernels::gemm_allreduce", CPU_AND_CUDA, _gemm_allreduce)
+torch.library.register_kernel("tp_kernels::all_reduce", CPU_AND_CUDA, _all_reduce)
+torch.library.register_kernel("tp_kernels::all_gather", CPU_AND_CUDA, _all_gather)
+torch.library.register_kernel("tp_kernels::allreduce_residual_rmsnorm", CPU_AND_CUDA, _allreduce_residual_rmsnorm)
