@@ -15,6 +15,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 import zlib  # noqa: E402
+from multiprocessing.reduction import ForkingPickler  # noqa: E402
 from typing import Callable, Dict, List  # noqa: E402
 
 import pytest  # noqa: E402
@@ -89,7 +90,10 @@ def _rank_main(rank: int, world_size: int, init_file: str, tasks, results) -> No
             break
         fn, args = task
         try:
-            results.put((rank, True, fn(tp, *args)))
+            with torch.no_grad():  # results cross the process boundary, which autograd cannot
+                out = fn(tp, *args)
+            ForkingPickler.dumps(out)  # fail here, reported, not later in the queue's feeder thread
+            results.put((rank, True, out))
         except BaseException:  # noqa: BLE001  (reported to the parent, which raises it in the test)
             results.put((rank, False, traceback.format_exc()))
     tp.close()

@@ -6,6 +6,8 @@ how to fix it; the ops then raise when called instead of at import.
 """
 import warnings
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from tp_kernels import _C  # noqa: F401  (loading runs the TORCH_LIBRARY registrations)
 
