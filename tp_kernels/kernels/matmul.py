@@ -76,6 +76,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, UPCAST_OPERANDS=interpreting,
+        # exact fp32 products for fp32 inputs (torch's default, no TF32); 16-bit operands ignore it
         DOT_PRECISION="ieee" if a.dtype == torch.float32 or interpreting else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages)
     return c

@@ -193,9 +193,10 @@ def _launch(x, w_qkv, b_qkv, cos_sin_cache, positions, batch_index, q, k_dst, v_
         n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank,
         x.stride(0), x.stride(1), w_qkv.stride(0), w_qkv.stride(1), cs_strides[0], cs_strides[1],
         q.stride(0), q.stride(1), *k_strides, *v_strides,
-        HEAD_DIM=head_dim, HEAD_SLOTS=head_slots, ROTARY_DIM=rotary_dim, ROPE_STYLE=rope_style, HAS_BIAS=b_qkv is not None,
-        WRITE_KV_CACHE=write_kv_cache, BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, UPCAST_OPERANDS=interpreting,
+        HEAD_DIM=head_dim, HEAD_SLOTS=head_slots, ROTARY_DIM=rotary_dim, ROPE_STYLE=rope_style,
+        HAS_BIAS=b_qkv is not None, WRITE_KV_CACHE=write_kv_cache, BLOCK_M=config.block_m, BLOCK_N=block_n,
+        BLOCK_K=config.block_k, GROUP_M=config.group_m, UPCAST_OPERANDS=interpreting,
+        # exact fp32 products for fp32 inputs (torch's default, no TF32); 16-bit operands ignore it
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or interpreting else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages)
 
