@@ -84,21 +84,22 @@ def test_qkv_rope_reads_strided_inputs_and_a_16bit_cos_sin_cache(poisoned_output
         assert_close(actual, ref, torch.float16, reduction_len=HIDDEN, msg=name)
 
 
-# (dtype, n_tokens, n_heads_per_rank, n_kv_heads_per_rank, head_dim, rope_style, with_bias)
+# (dtype, n_tokens, n_heads_per_rank, n_kv_heads_per_rank, head_dim, rope_style, with_bias, index dtype)
 KV_CACHE_CASES = [
-    (torch.float32, 1, 2, 1, 64, "neox", True),
-    (torch.bfloat16, 5, 4, 2, 80, "gptj", False),
-    (torch.float16, 33, 2, 2, 64, "none", True),
+    (torch.float32, 1, 2, 1, 64, "neox", True, torch.int64),
+    (torch.bfloat16, 5, 4, 2, 80, "gptj", False, torch.int32),
+    (torch.float16, 33, 2, 2, 64, "none", True, torch.int64),
 ]
 BATCH, MAX_SEQ = 3, 40
 
 
-@pytest.mark.parametrize("case", KV_CACHE_CASES, ids=lambda c: f"{str(c[0])[6:]}-T{c[1]}-hd{c[4]}-{c[5]}")
+@pytest.mark.parametrize("case", KV_CACHE_CASES,
+                         ids=lambda c: f"{str(c[0])[6:]}-T{c[1]}-hd{c[4]}-{c[5]}-{str(c[7])[6:]}")
 def test_qkv_rope_kv_cache_writes_only_its_slots(case, poisoned_outputs):
-    dtype, n_tokens, n_heads, n_kv_heads, head_dim, rope_style, with_bias = case
+    dtype, n_tokens, n_heads, n_kv_heads, head_dim, rope_style, with_bias, index_dtype = case
     x, w_qkv, b_qkv, cos_sin, _ = _inputs(dtype, n_tokens, n_heads, n_kv_heads, head_dim, head_dim, with_bias)
     # distinct (batch, position) slots, so each token owns its cache row
-    slots = torch.randperm(BATCH * MAX_SEQ)[:n_tokens]
+    slots = torch.randperm(BATCH * MAX_SEQ)[:n_tokens].to(index_dtype)
     cache_batch_index, positions = slots // MAX_SEQ, slots % MAX_SEQ
     k_cache = torch.randn(BATCH, MAX_SEQ, n_kv_heads, head_dim).to(dtype)
     v_cache = torch.randn(BATCH, MAX_SEQ, n_kv_heads, head_dim).to(dtype)
