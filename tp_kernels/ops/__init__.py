@@ -145,3 +145,18 @@ def allreduce_residual_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: 
     """
     require_extension()
     return torch.ops.tp_kernels.allreduce_residual_rmsnorm(x, residual, weight, eps, _group_name(tp))
+
+
+# The CUDA implementations of qkv_rope and qkv_rope_kv_cache are Triton kernels, registered only when
+# triton imports (the CPU-only torch comes without it).
+if _C is not None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as _triton_error:
+        if torch.version.cuda is not None:  # a CUDA torch without triton: qkv_rope has no CUDA kernel
+            import warnings
+
+            warnings.warn(f"triton could not be imported ({_triton_error}); tp_kernels.ops.qkv_rope and "
+                          "qkv_rope_kv_cache will have no CUDA implementation", RuntimeWarning, stacklevel=2)
+    else:
+        from tp_kernels.ops import triton_impls as _triton_impls  # noqa: F401  (registers the CUDA kernels)

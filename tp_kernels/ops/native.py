@@ -62,8 +62,9 @@ def _allreduce_residual_rmsnorm(x, residual, weight, eps, group):
 
 # register_kernel used as a decorator returns None, so register after definition (the kv-cache variant
 # calls _qkv_rope directly).
-torch.library.register_kernel("tp_kernels::qkv_rope", CPU_AND_CUDA, _qkv_rope)
-torch.library.register_kernel("tp_kernels::qkv_rope_kv_cache", CPU_AND_CUDA, _qkv_rope_kv_cache)
+# qkv_rope's CUDA implementation is the Triton kernel (tp_kernels.ops.triton_impls)
+torch.library.register_kernel("tp_kernels::qkv_rope", "cpu", _qkv_rope)
+torch.library.register_kernel("tp_kernels::qkv_rope_kv_cache", "cpu", _qkv_rope_kv_cache)
 torch.library.register_kernel("tp_kernels::gemm_allreduce", CPU_AND_CUDA, _gemm_allreduce)
 torch.library.register_kernel("tp_kernels::all_reduce", CPU_AND_CUDA, _all_reduce)
 torch.library.register_kernel("tp_kernels::all_gather", CPU_AND_CUDA, _all_gather)

@@ -1,0 +1,138 @@
+"""qkv_rope: the fused Triton kernel (projection + bias + RoPE + head split in one pass) vs the unfused
+PyTorch sequence (F.linear with bias, split, RoPE, contiguous heads), per TP rank.
+
+On a GPU both are measured with do_bench (bench.common.measure_cuda). Without one, the H100 time of
+both is *modeled* from bytes and FLOPs with tp_kernels.perfmodel.roofline_time_s (HARDWARE["H100"],
+datasheet constants): each kernel of a sequence costs max(FLOPs / peak, bytes / HBM bandwidth), and
+the sequence's time is their sum. The model leaves out kernel-launch gaps (the unfused sequence has
+four or more kernels, the fused one a single one) and any imperfect overlap, so it understates the
+fused kernel's advantage at decode sizes; rows say kind="modeled".
+
+    python bench/qkv_rope.py     # rows in bench/results/qkv_rope.{csv,json}, Markdown table on stdout
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import Row, environment, markdown_table, measure_cuda, write_rows  # noqa: E402
+from tp_kernels import perfmodel, reference  # noqa: E402
+from tp_kernels.perfmodel import HARDWARE  # noqa: E402
+
+BENCH = "qkv_rope"
+DTYPE = torch.bfloat16
+# (name, hidden, n_heads, n_kv_heads, head_dim, qkv bias, TP degrees that divide n_heads)
+MODELS = [("llama3-8b", 4096, 32, 8, 128, False, (1, 8)), ("qwen2-7b", 3584, 28, 4, 128, True, (1, 4)),
+          ("llama3-70b", 8192, 64, 8, 128, False, (1, 8))]
+N_TOKENS = (1, 16, 128, 2048)
+MAX_POSITION = 8192
+
+
+def per_rank_heads(n_heads: int, n_kv_heads: int, tp: int):
+    """Heads per rank; KV heads are replicated when tp exceeds them (as the QKV layer shards them)."""
+    if n_heads % tp or (n_kv_heads >= tp and n_kv_heads % tp):
+        raise ValueError(f"tp={tp} must divide n_heads={n_heads} (and n_kv_heads={n_kv_heads} when smaller)")
+    return n_heads // tp, max(1, n_kv_heads // tp)
+
+
+def modeled_times(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_dim, with_bias, hw):
+    """(fused seconds, unfused seconds, fused bytes, flops) of one rank's call in bf16."""
+    e = perfmodel.dtype_bytes(DTYPE)
+    qkv_cols = (n_heads_per_rank + 2 * n_kv_heads_per_rank) * head_dim
+    qk_cols = (n_heads_per_rank + n_kv_heads_per_rank) * head_dim
+    v_cols = n_kv_heads_per_rank * head_dim
+    gemm_flops = 2.0 * n_tokens * hidden * qkv_cols
+    weight_bytes = (qkv_cols * hidden + (qkv_cols if with_bias else 0)) * e
+    cos_sin_bytes = n_tokens * head_dim * 4  # one fp32 (cos | sin) row per token
+    x_bytes, out_bytes = n_tokens * hidden * e, n_tokens * qkv_cols * e
+    # fused: read x, w, bias and cos/sin once, write q, k, v once
+    fused_bytes = x_bytes + weight_bytes + cos_sin_bytes + out_bytes
+    fused = perfmodel.roofline_time_s(gemm_flops, fused_bytes, hw, DTYPE)
+    # unfused: GEMM with bias epilogue writes qkv; RoPE reads q, k and cos/sin and writes them rotated;
+    # v is copied out of the interleaved qkv rows into its own contiguous heads
+    gemm = perfmodel.roofline_time_s(gemm_flops, x_bytes + weight_bytes + out_bytes, hw, DTYPE)
+    rope = perfmodel.roofline_time_s(6.0 * n_tokens * qk_cols, 2 * n_tokens * qk_cols * e + cos_sin_bytes, hw, DTYPE)
+    v_copy = perfmodel.roofline_time_s(0.0, 2 * n_tokens * v_cols * e, hw, DTYPE)
+    return fused, gemm + rope + v_copy, fused_bytes, gemm_flops
+
+
+def unfused_qkv_rope(x, w_qkv, b_qkv, cos_sin, positions, n_heads_per_rank, n_kv_heads_per_rank, head_dim):
+    """The plain PyTorch sequence the fused op replaces."""
+    n_tokens = x.shape[0]
+    qkv = F.linear(x, w_qkv, b_qkv)  # (T, (n_q + 2 n_kv) * head_dim)
+    q, k, v = qkv.split([n_heads_per_rank * head_dim, n_kv_heads_per_rank * head_dim,
+                         n_kv_heads_per_rank * head_dim], dim=-1)
+    cs = cos_sin[positions]  # (T, rotary_dim)
+    q = reference.apply_rope(q.view(n_tokens, n_heads_per_rank, head_dim), cs, "neox")
+    k = reference.apply_rope(k.view(n_tokens, n_kv_heads_per_rank, head_dim), cs, "neox")
+    return q.contiguous(), k.contiguous(), v.reshape(n_tokens, n_kv_heads_per_rank, head_dim).contiguous()
+
+
+def _shape(n_tokens, hidden, nq, nkv, head_dim):
+    return f"T={n_tokens} hidden={hidden} heads_per_rank={nq}/{nkv} head_dim={head_dim}"
+
+
+def modeled_rows():
+    hw = HARDWARE["H100"]
+    env = dict(environment(), device=f"modeled:{hw.name}", triton="n/a")
+    rows = []
+    for model, hidden, n_heads, n_kv_heads, head_dim, with_bias, tp_degrees in MODELS:
+        for tp in tp_degrees:
+            nq, nkv = per_rank_heads(n_heads, n_kv_heads, tp)
+            for n_tokens in N_TOKENS:
+                fused, unfused, fused_bytes, flops = modeled_times(n_tokens, hidden, nq, nkv, head_dim, with_bias, hw)
+                common = dict(dtype="bfloat16", shape=_shape(n_tokens, hidden, nq, nkv, head_dim),
+                              world_size=tp, kind="modeled", env=env,
+                              notes=f"roofline per kernel, launch gaps not modeled; {hw.name}: {hw.source}")
+                config = f"model={model} tp={tp} bias={with_bias}"
+                rows.append(Row(bench=BENCH, case="unfused", config=config, median_us=unfused * 1e6,
+                                p20_us=unfused * 1e6, p80_us=unfused * 1e6, **common))
+                rows.append(Row(bench=BENCH, case="fused", config=config, median_us=fused * 1e6, p20_us=fused * 1e6,
+                                p80_us=fused * 1e6, gbps=fused_bytes / fused / 1e9, tflops=flops / fused / 1e12,
+                                baseline="unfused", ratio=unfused / fused, **common))
+    return rows
+
+
+def measured_rows():
+    from tp_kernels import ops
+
+    rows = []
+    for model, hidden, n_heads, n_kv_heads, head_dim, with_bias, tp_degrees in MODELS:
+        for tp in tp_degrees:
+            nq, nkv = per_rank_heads(n_heads, n_kv_heads, tp)
+            n_rows = (nq + 2 * nkv) * head_dim
+            w = (torch.randn(n_rows, hidden, device="cuda") / hidden ** 0.5).to(DTYPE)
+            b = torch.randn(n_rows, device="cuda").to(DTYPE) if with_bias else None
+            cos_sin = reference.rope_cos_sin_cache(MAX_POSITION, head_dim, device="cuda")
+            for n_tokens in N_TOKENS:
+                x = torch.randn(n_tokens, hidden, device="cuda").to(DTYPE)
+                positions = torch.randint(0, MAX_POSITION, (n_tokens,), device="cuda")
+                args = (x, w, b, cos_sin, positions)
+                fused = measure_cuda(lambda: ops.qkv_rope(*args, n_heads_per_rank=nq, n_kv_heads_per_rank=nkv,
+                                                          head_dim=head_dim))
+                unfused = measure_cuda(lambda: unfused_qkv_rope(*args, nq, nkv, head_dim))
+                _, _, fused_bytes, flops = modeled_times(n_tokens, hidden, nq, nkv, head_dim, with_bias,
+                                                         HARDWARE["H100"])
+                common = dict(config=f"model={model} tp={tp} bias={with_bias}", dtype="bfloat16",
+                              shape=_shape(n_tokens, hidden, nq, nkv, head_dim), world_size=tp)
+                rows.append(Row.from_timing(BENCH, "unfused", unfused, **common))
+                rows.append(Row.from_timing(BENCH, "fused", fused, gbps=fused_bytes / fused.median_s / 1e9,
+                                            tflops=flops / fused.median_s / 1e12, baseline="unfused",
+                                            ratio=unfused.median_s / fused.median_s, **common))
+    return rows
+
+
+def main() -> None:
+    rows = measured_rows() if torch.cuda.is_available() else modeled_rows()
+    path = write_rows(BENCH, rows)
+    print(markdown_table(rows, ["case", "config", "shape", "kind", "median_us", "gbps", "tflops", "ratio"]))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The Triton kernels compiled and run on a GPU: bf16 parity of the ops (through the CUDA dispatch) and
+of the plain GEMM with the float64 reference, opcheck on CUDA tensors, and torch.compile.
+
+Run on a GPU node with the interpreter off (conftest sets TRITON_INTERPRET=1 unless it is already set,
+and interpreted kernels would run on CUDA tensors by copying them to the host, testing nothing here):
+
+    TRITON_INTERPRET=0 python -m pytest tests/gpu/test_triton_gpu.py -q
+
+The interpreter tests (tests/kernels/test_*_interpret.py) skip in such a session, and these skip in an
+interpreting one.
+"""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="the Triton kernels need triton (absent with the CPU-only torch)")
+
+from conftest import assert_close, poison_like  # noqa: E402
+from tp_kernels import ops, reference  # noqa: E402
+from tp_kernels.kernels.matmul import matmul  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(triton.knobs.runtime.interpret,
+                       reason="TRITON_INTERPRET=1 would interpret the kernels; run with TRITON_INTERPRET=0"),
+]
+
+HIDDEN = 512
+MAX_POSITION = 4096
+
+
+def _inputs(dtype, n_tokens, n_heads, n_kv_heads, head_dim, rotary_dim, with_bias):
+    n_rows = (n_heads + 2 * n_kv_heads) * head_dim
+    x = torch.randn(n_tokens, HIDDEN, device="cuda").to(dtype)
+    w_qkv = (torch.randn(n_rows, HIDDEN, device="cuda") / HIDDEN ** 0.5).to(dtype)
+    b_qkv = torch.randn(n_rows, device="cuda").to(dtype) if with_bias else None
+    cos_sin = reference.rope_cos_sin_cache(MAX_POSITION, rotary_dim, device="cuda")
+    positions = torch.randint(0, MAX_POSITION, (n_tokens,), device="cuda")
+    return x, w_qkv, b_qkv, cos_sin, positions
+
+
+def _expected(x, w_qkv, b_qkv, cos_sin, positions, n_heads, n_kv_heads, head_dim, rope_style):
+    return reference.qkv_rope(x.double(), w_qkv.double(), None if b_qkv is None else b_qkv.double(),
+                              cos_sin.double(), positions, n_heads, n_kv_heads, head_dim, rope_style)
+
+
+# (n_tokens, n_heads_per_rank, n_kv_heads_per_rank, head_dim, rotary_dim, rope_style, with_bias): every
+# M bucket, every supported head_dim, partial rotary, GQA and MQA
+CASES = [
+    (1, 8, 2, 128, 128, "neox", False),
+    (7, 4, 4, 64, 64, "gptj", True),
+    (16, 4, 1, 80, 80, "neox", True),
+    (33, 6, 2, 96, 32, "neox", True),
+    (100, 2, 1, 256, 256, "gptj", False),
+    (300, 4, 2, 128, 64, "none", True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-q{}kv{}-hd{}-rd{}-{}".format(*c[:6]))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=lambda d: str(d)[6:])
+def test_qkv_rope_op_on_cuda_matches_reference(dtype, case):
+    n_tokens, n_heads, n_kv_heads, head_dim, rotary_dim, rope_style, with_bias = case
+    inputs = _inputs(dtype, n_tokens, n_heads, n_kv_heads, head_dim, rotary_dim, with_bias)
+    q, k, v = ops.qkv_rope(*inputs, n_heads_per_rank=n_heads, n_kv_heads_per_rank=n_kv_heads, head_dim=head_dim,
+                           rope_style=rope_style)
+    for name, actual, ref in zip("qkv", (q, k, v), _expected(*inputs, n_heads, n_kv_heads, head_dim, rope_style)):
+        assert actual.is_cuda and actual.is_contiguous(), name
+        assert_close(actual.cpu(), ref.cpu(), dtype, reduction_len=HIDDEN, msg=name)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 40])
+def test_qkv_rope_kv_cache_op_on_cuda_writes_only_its_slots(n_tokens):
+    dtype, n_heads, n_kv_heads, head_dim, batch, max_seq = torch.bfloat16, 8, 2, 128, 4, 64
+    x, w_qkv, b_qkv, cos_sin, _ = _inputs(dtype, n_tokens, n_heads, n_kv_heads, head_dim, head_dim, True)
+    slots = torch.randperm(batch * max_seq, device="cuda")[:n_tokens]
+    cache_batch_index, positions = slots // max_seq, slots % max_seq
+    k_cache = torch.randn(batch, max_seq, n_kv_heads, head_dim, device="cuda").to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    k_cache[cache_batch_index, positions] = float("nan")
+    v_cache[cache_batch_index, positions] = float("nan")
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    q = ops.qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin, positions, cache_batch_index, k_cache, v_cache,
+                              n_heads_per_rank=n_heads, n_kv_heads_per_rank=n_kv_heads, head_dim=head_dim)
+    q_ref, k_ref, v_ref = _expected(x, w_qkv, b_qkv, cos_sin, positions, n_heads, n_kv_heads, head_dim, "neox")
+    assert_close(q.cpu(), q_ref.cpu(), dtype, reduction_len=HIDDEN, msg="q")
+    assert_close(k_cache[cache_batch_index, positions].cpu(), k_ref.cpu(), dtype, reduction_len=HIDDEN, msg="k")
+    assert_close(v_cache[cache_batch_index, positions].cpu(), v_ref.cpu(), dtype, reduction_len=HIDDEN, msg="v")
+    untouched = torch.ones(batch, max_seq, dtype=torch.bool, device="cuda")
+    untouched[cache_batch_index, positions] = False
+    assert torch.equal(k_cache[untouched], k_before[untouched])
+    assert torch.equal(v_cache[untouched], v_before[untouched])
+
+
+@pytest.mark.parametrize("shape", [(1, 4096, 512), (77, 1000, 520), (512, 512, 512)],
+                         ids=lambda s: "M{}-N{}-K{}".format(*s))
+def test_matmul_on_cuda_matches_reference(shape):
+    m, n, k = shape
+    a = torch.randn(m, k, device="cuda").bfloat16()
+    b = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()
+    bias = torch.randn(n, device="cuda").bfloat16()
+    c = matmul(a, b, bias)
+    expected = reference.linear(a.double(), b.double(), bias.double())
+    assert_close(c.cpu(), expected.cpu(), torch.bfloat16, reduction_len=k)
+
+
+def test_opcheck_on_cuda():
+    n_heads, n_kv_heads, head_dim = 4, 2, 64
+    x, w_qkv, b_qkv, cos_sin, positions = _inputs(torch.bfloat16, 5, n_heads, n_kv_heads, head_dim, head_dim, True)
+    torch.library.opcheck(torch.ops.tp_kernels.qkv_rope.default,
+                          (x, w_qkv, b_qkv, cos_sin, positions, n_heads, n_kv_heads, head_dim, "neox"))
+    k_cache = torch.zeros(2, 16, n_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    batch_index = torch.tensor([0, 1, 0, 1, 0], device="cuda")
+    torch.library.opcheck(torch.ops.tp_kernels.qkv_rope_kv_cache.default,
+                          (x, w_qkv, b_qkv, cos_sin, positions % 16, batch_index, k_cache, torch.zeros_like(k_cache),
+                           n_heads, n_kv_heads, head_dim, "gptj"))
+
+
+def _qkv_step(x, w_qkv, b_qkv, cos_sin, positions, cache_batch_index, k_cache, v_cache):
+    q, k, v = ops.qkv_rope(x, w_qkv, b_qkv, cos_sin, positions, n_heads_per_rank=4, n_kv_heads_per_rank=2,
+                           head_dim=128)
+    q2 = ops.qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin, positions, cache_batch_index, k_cache, v_cache,
+                               n_heads_per_rank=4, n_kv_heads_per_rank=2, head_dim=128)
+    return q, q2, k, v
+
+
+def test_torch_compile_matches_eager_and_writes_the_caches():
+    torch._dynamo.reset()
+    x, w_qkv, b_qkv, cos_sin, positions = _inputs(torch.bfloat16, 9, 4, 2, 128, 128, True)
+    positions = positions % 32
+    cache_batch_index = torch.arange(9, device="cuda") % 2
+    caches_eager = [poison_like(torch.empty(2, 32, 2, 128, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
+    caches_compiled = [c.clone() for c in caches_eager]
+    eager = _qkv_step(x, w_qkv, b_qkv, cos_sin, positions, cache_batch_index, *caches_eager)
+    compiled_fn = torch.compile(_qkv_step, fullgraph=True)
+    compiled = compiled_fn(x, w_qkv, b_qkv, cos_sin, positions, cache_batch_index, *caches_compiled)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # same kernel, same inputs: the same bits
+    for a, b in zip(caches_compiled, caches_eager):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
+    written = caches_compiled[0][cache_batch_index, positions]
+    assert torch.isfinite(written).all(), "the compiled graph did not write the KV cache"
+
+
+def test_float64_runs_the_native_implementation_with_a_warning():
+    import tp_kernels.ops.triton_impls as triton_impls
+
+    triton_impls._warned_float64 = False
+    x, w_qkv, b_qkv, cos_sin, positions = _inputs(torch.float64, 3, 2, 1, 64, 64, True)
+    with pytest.warns(RuntimeWarning, match="running the torch-native implementation"):
+        q, k, v = ops.qkv_rope(x, w_qkv, b_qkv, cos_sin, positions, n_heads_per_rank=2, n_kv_heads_per_rank=1,
+                               head_dim=64)
+    for actual, ref in zip((q, k, v), _expected(x, w_qkv, b_qkv, cos_sin, positions, 2, 1, 64, "neox")):
+        assert_close(actual, ref, torch.float64, reduction_len=HIDDEN)

@@ -1,0 +1,13 @@
+"""Triton kernels: `@triton.jit` bodies, their launch configs and their launchers.
+
+- tiling.py: the GEMM tiling every kernel here shares (program -> tile order, fp32 accumulator tile)
+- matmul.py: the plain GEMM y = x @ w.T + bias (`matmul`)
+- qkv.py: the fused QKV projection + bias + RoPE + head split, optionally writing the KV cache
+  (`qkv_rope`, `qkv_rope_kv_cache`)
+- configs.py: launch configs per GPU arch, dtype and M bucket
+- resources.py: ahead-of-time compile of every config for sm_80/sm_90 and its registers, spills and
+  shared memory (needs no GPU)
+
+This package imports triton; tp_kernels.ops imports it only when triton is installed. Launchers run on
+CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how the tests check them without a GPU).
+"""
