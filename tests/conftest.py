@@ -1,11 +1,16 @@
 """Shared test machinery: the per-dtype tolerance table, seeding, and `spawn_ranks` for multi-rank tests.
 
-TRITON_INTERPRET must be set before any module with a @triton.jit function is imported, or Triton finds
-"0 active drivers" on these GPU-less machines; it is set here, first. Spawned ranks inherit it.
+Without a GPU, Triton kernels run in its interpreter: TRITON_INTERPRET must be set before any module with a
+@triton.jit function is imported, or Triton finds "0 active drivers"; it is set here, first, and spawned
+ranks inherit it. With a GPU it is left unset so the GPU tests run the compiled kernels (the interpreter
+tests then skip); `TRITON_INTERPRET=1 make test` forces the interpreter there too.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():  # NVML query: does not initialize CUDA
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a warning of the interpreter
 
 import datetime  # noqa: E402

@@ -1,10 +1,10 @@
 """The Triton kernels compiled and run on a GPU: bf16 parity of the ops (through the CUDA dispatch) and
 of the plain GEMM with the float64 reference, opcheck on CUDA tensors, and torch.compile.
 
-Run on a GPU node with the interpreter off (conftest sets TRITON_INTERPRET=1 unless it is already set,
-and interpreted kernels would run on CUDA tensors by copying them to the host, testing nothing here):
+On a GPU node conftest leaves TRITON_INTERPRET unset, so `make test` runs these with the compiled
+kernels (interpreted kernels would copy CUDA tensors to the host, testing nothing here):
 
-    TRITON_INTERPRET=0 python -m pytest tests/gpu/test_triton_gpu.py -q
+    .venv/bin/python -m pytest tests/gpu/test_triton_gpu.py -q
 
 The interpreter tests (tests/kernels/test_*_interpret.py) skip in such a session, and these skip in an
 interpreting one.
@@ -20,6 +20,7 @@ from tp_kernels.kernels.matmul import matmul  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; see README, 'GPU tests'"),
     pytest.mark.skipif(triton.knobs.runtime.interpret,
                        reason="TRITON_INTERPRET=1 would interpret the kernels; run with TRITON_INTERPRET=0"),
 ]
