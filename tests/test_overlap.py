@@ -8,7 +8,6 @@ assert_close's finiteness check.
 """
 import contextlib
 import os
-import tempfile
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch
 from conftest import assert_close, spawn_ranks
 from tp_kernels import calibration, ops, reference
 from tp_kernels.distributed import Communicator, IdentityCommunicator, TPGroup
-from tp_kernels.ops import comm_thread, overlap
+from tp_kernels.ops import overlap
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHUNKS = (1, 2, 3, 5, 8, None)
