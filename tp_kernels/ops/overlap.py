@@ -92,7 +92,8 @@ def _pipeline_cpu(tp: TPGroup, jobs, collective, after) -> list:
                 futures.append(comm_thread.submit(tp, collective, tp, gemm()))
             return comm_thread.wait_all(futures)
         # collective -> GEMM: every gather is queued at once; chunk i's GEMM runs while chunk i+1 gathers
-        futures = [comm_thread.submit(tp, collective, tp, arg) for arg in jobs]
+        for arg in jobs:
+            futures.append(comm_thread.submit(tp, collective, tp, arg))
         results = []
         for i, future in enumerate(futures):
             results.append(after(i, future.result()))

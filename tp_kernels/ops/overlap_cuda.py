@@ -30,8 +30,9 @@ def comm_stream(device: torch.device) -> torch.cuda.Stream:
 def _reduce_pipeline(tp, out_chunks, gemms, reduce):
     """For each chunk: its GEMM on the compute stream, then its reduction on the communication stream
     (after an event recorded behind the GEMM), written into out_chunks[i]."""
-    compute = torch.cuda.current_stream()
-    comm = comm_stream(out_chunks[0].device)
+    device = out_chunks[0].device
+    compute = torch.cuda.current_stream(device)
+    comm = comm_stream(device)
     for out_chunk, gemm in zip(out_chunks, gemms):
         partial = gemm()
         comm.wait_stream(compute)  # matches the GEMM just queued: records an event, comm waits on it
@@ -81,7 +82,7 @@ def _allgather_gemm_cuda(x, w, bias, group, chunks=None):
     n_chunks = plan_chunks(chunks, tp, x, p * rows_per_rank, n, k, rows_per_rank, "all_gather")
     out = x.new_empty((p, rows_per_rank, n))  # (p, M / p, N): block r <- rank r's input rows
     bounds = chunk_bounds(rows_per_rank, n_chunks)
-    compute = torch.cuda.current_stream()
+    compute = torch.cuda.current_stream(x.device)
     comm = comm_stream(x.device)
     comm.wait_stream(compute)  # x is written by work queued on the compute stream
     gathered = []
