@@ -92,7 +92,8 @@ def main() -> None:
     print(markdown_table([r for r in rows if r.case != "flux_anchor_gemm_rs" and
                           int(r.shape.split()[0][2:]) in (1, 16, 256, 1024, 4096, 8192)], columns))
     print()
-    print(markdown_table([r for r in rows if r.case == "flux_anchor_gemm_rs"], ["config", "kind", "median_us", "ratio"]))
+    anchor_rows = [r for r in rows if r.case == "flux_anchor_gemm_rs"]
+    print(markdown_table(anchor_rows, ["config", "kind", "median_us", "ratio"]))
     seq, best = anchor[0].median_us, anchor[1].median_us
     g = perfmodel.gemm_time_s(FLUX["m"], FLUX["n"], flux_k, DTYPE, h800) * 1e6
     c = perfmodel.collective_time_s(FLUX["m"] * FLUX["n"] * 2, 8, h800, "reduce_scatter") * 1e6

@@ -180,6 +180,7 @@ def calibrate_cpu(tp: TPGroup, force: bool = False) -> perfmodel.Hardware:
         figures = dict(zip(_FIELDS, mean.tolist()))
         if tp.rank == 0:
             _write_cache(path, figures)
-        source = f"calibrated on {socket.gethostname()} at {time.strftime('%Y-%m-%d %H:%M:%S')} (mean of {tp.world_size} ranks)"
+        source = (f"calibrated on {socket.gethostname()} at {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                  f"(mean of {tp.world_size} ranks)")
         log.info("tp_kernels: calibrated the overlap cost model of group %s: %s", tp.name, figures)
     return perfmodel.Hardware(name=f"cpu:{socket.gethostname()}", source=source, **figures)

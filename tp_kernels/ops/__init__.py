@@ -21,8 +21,8 @@ if _C is not None:
 
 GroupLike = Union[TPGroup, str]
 
-__all__ = ["qkv_rope", "qkv_rope_kv_cache", "gemm_allreduce", "gemm_reduce_scatter", "allgather_gemm", "all_reduce", "all_gather", "add_rmsnorm",
-           "allreduce_residual_rmsnorm"]
+__all__ = ["qkv_rope", "qkv_rope_kv_cache", "gemm_allreduce", "gemm_reduce_scatter", "allgather_gemm", "all_reduce",
+           "all_gather", "add_rmsnorm", "allreduce_residual_rmsnorm"]
 
 
 def _group_name(tp: GroupLike) -> str:
