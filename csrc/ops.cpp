@@ -26,6 +26,12 @@ TORCH_LIBRARY(tp_kernels, m) {
 
   // Row-parallel linear: all_reduce(x @ w.T) + bias, M pipelined in chunks (None: the cost model picks).
   m.def("gemm_allreduce(Tensor x, Tensor w, Tensor? bias, str group, int? chunks=None) -> Tensor");
+  // The sequence-parallel pair, M pipelined in chunks the same way. gemm_reduce_scatter: row-parallel,
+  // reduce_scatter(x @ w.T) along M + bias, x (M, K_per_rank) -> (M / world_size, N).
+  // allgather_gemm: column-parallel, all_gather(x) along M @ w.T + bias, x (M_per_rank, K) ->
+  // (world_size * M_per_rank, N_per_rank).
+  m.def("gemm_reduce_scatter(Tensor x, Tensor w, Tensor? bias, str group, int? chunks=None) -> Tensor");
+  m.def("allgather_gemm(Tensor x, Tensor w, Tensor? bias, str group, int? chunks=None) -> Tensor");
 
   // Sum of x over the ranks of group, out of place; algo names a backend of the chain or "auto".
   m.def("all_reduce(Tensor x, str group, str algo=\"auto\") -> Tensor");

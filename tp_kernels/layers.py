@@ -83,6 +83,13 @@ def _check_input(layer: str, x: torch.Tensor, in_features: int, weight: torch.Te
         raise ValueError(f"{layer}: input is on {x.device} but the weight is on {weight.device}")
 
 
+def _check_sequence_split(layer: str, x: torch.Tensor, tp: TPGroup) -> None:
+    """Sequence parallelism splits the first (token) dimension T into p blocks of T / p."""
+    if x.dim() < 2 or x.shape[0] % tp.world_size:
+        raise ValueError(f"{layer}: with sequence_parallel=True the input must be (T, ..., features) with T "
+                         f"divisible by tp={tp.world_size}, got shape {tuple(x.shape)}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # column parallel
 # ----------------------------------------------------------------------------------------------------------
@@ -92,16 +99,23 @@ class ColumnParallelLinear(nn.Module):
     A = [A_1; ...; A_p] by rows: rank r holds A_r (out_features / p, in_features) and bias b_r, and
     computes Y_r = X A_r^T + b_r, its slice of the output features. No communication unless
     gather_output=True, which concatenates the Y_r so every rank holds Y.
+
+    sequence_parallel=True: the input is this rank's block of tokens, X^(r) (T / p, ..., in_features),
+    split along the first dimension; the blocks are gathered, X = [X^(1); ...; X^(p)], overlapped with
+    the GEMM (tp_kernels.ops.allgather_gemm, `chunks` pieces, None: the cost model picks), and the
+    output is Y_r (T, ..., out_features / p).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup, gather_output: bool = False,
-                 *, dtype: Optional[torch.dtype] = None, device=None):
+                 *, dtype: Optional[torch.dtype] = None, device=None, sequence_parallel: bool = False,
+                 chunks: Optional[int] = None):
         super().__init__()
         self.tp = _check_tp(tp)
         self.in_features, self.out_features = in_features, out_features
         self.out_features_per_rank = divide(out_features, tp.world_size,
                                             f"out_features ({out_features}) across tp={tp.world_size} ranks")
         self.gather_output = gather_output
+        self.sequence_parallel, self.chunks = sequence_parallel, chunks
         self.weight = nn.Parameter(torch.empty(self.out_features_per_rank, in_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(self.out_features_per_rank, dtype=dtype, device=device)) if bias else None
         _init_linear_(self.weight, self.bias, in_features)
@@ -122,15 +136,25 @@ class ColumnParallelLinear(nn.Module):
             _copy_into(self.bias, _rows(bias, start, stop), "bias")
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, tp: TPGroup, gather_output: bool = False) -> "ColumnParallelLinear":
+    def from_linear(cls, linear: nn.Linear, tp: TPGroup, gather_output: bool = False, *,
+                    sequence_parallel: bool = False, chunks: Optional[int] = None) -> "ColumnParallelLinear":
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, tp, gather_output,
-                    dtype=linear.weight.dtype, device=linear.weight.device)
+                    dtype=linear.weight.dtype, device=linear.weight.device, sequence_parallel=sequence_parallel,
+                    chunks=chunks)
         layer.load_full(linear.weight, linear.bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(type(self).__name__, x, self.in_features, self.weight)
-        y = F.linear(x, self.weight, self.bias)  # (..., out_features_per_rank)
+        if self.sequence_parallel:
+            if x.dim() < 2:
+                raise ValueError(f"{type(self).__name__}: with sequence_parallel=True the input must be this "
+                                 f"rank's token block (T / p, ..., {self.in_features}), got shape {tuple(x.shape)}")
+            rows = x.reshape(-1, self.in_features)  # (T / p * ..., in_features), token-major
+            y = ops.allgather_gemm(rows, self.weight, self.bias, self.tp, self.chunks)  # rank-major blocks
+            y = y.reshape(x.shape[0] * self.tp.world_size, *x.shape[1:-1], self.out_features_per_rank)
+        else:
+            y = F.linear(x, self.weight, self.bias)  # (..., out_features_per_rank)
         if self.gather_output:
             y = ops.all_gather(y, self.tp, dim=-1)  # (..., out_features)
         return y
@@ -138,7 +162,7 @@ class ColumnParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
                 f"({self.out_features_per_rank} per rank), bias={self.bias is not None}, tp={self.tp.world_size}, "
-                f"gather_output={self.gather_output}")
+                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -350,17 +374,22 @@ class RowParallelLinear(nn.Module):
     by tp_kernels.ops.gemm_allreduce. The bias is added once, after the reduction. With
     input_is_parallel=True (the usual case, after a ColumnParallelLinear) the input is already X_r;
     otherwise the layer takes the full X and keeps its slice.
+
+    sequence_parallel=True: the sum is scattered along the first (token) dimension instead of being
+    all-reduced (tp_kernels.ops.gemm_reduce_scatter): the input is (T, ..., in), T divisible by p, and
+    rank r gets rows [r T / p, (r+1) T / p) of Y, (T / p, ..., out_features).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup, input_is_parallel: bool = True,
-                 *, dtype: Optional[torch.dtype] = None, device=None, chunks: Optional[int] = None):
+                 *, dtype: Optional[torch.dtype] = None, device=None, chunks: Optional[int] = None,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.tp = _check_tp(tp)
         self.in_features, self.out_features = in_features, out_features
         self.in_features_per_rank = divide(in_features, tp.world_size,
                                            f"in_features ({in_features}) across tp={tp.world_size} ranks")
         self.input_is_parallel = input_is_parallel
-        self.chunks = chunks
+        self.chunks, self.sequence_parallel = chunks, sequence_parallel
         self.weight = nn.Parameter(torch.empty(out_features, self.in_features_per_rank, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         _init_linear_(self.weight, self.bias, in_features)
@@ -381,9 +410,11 @@ class RowParallelLinear(nn.Module):
             _copy_into(self.bias, bias[:], "bias")
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, tp: TPGroup, input_is_parallel: bool = True) -> "RowParallelLinear":
+    def from_linear(cls, linear: nn.Linear, tp: TPGroup, input_is_parallel: bool = True, *,
+                    sequence_parallel: bool = False, chunks: Optional[int] = None) -> "RowParallelLinear":
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, tp, input_is_parallel,
-                    dtype=linear.weight.dtype, device=linear.weight.device)
+                    dtype=linear.weight.dtype, device=linear.weight.device, chunks=chunks,
+                    sequence_parallel=sequence_parallel)
         layer.load_full(linear.weight, linear.bias)
         return layer
 
@@ -392,14 +423,18 @@ class RowParallelLinear(nn.Module):
         _check_input(type(self).__name__, x, expected_in, self.weight)
         if not self.input_is_parallel:
             x = x[..., slice(*self._col_range())]  # (..., in_features_per_rank)
-        lead = x.shape[:-1]
-        y = ops.gemm_allreduce(x.reshape(-1, self.in_features_per_rank), self.weight, self.bias, self.tp, self.chunks)
-        return y.reshape(*lead, self.out_features)
+        rows = x.reshape(-1, self.in_features_per_rank)  # (T * ..., in_features_per_rank), token-major
+        if self.sequence_parallel:
+            _check_sequence_split(type(self).__name__, x, self.tp)
+            y = ops.gemm_reduce_scatter(rows, self.weight, self.bias, self.tp, self.chunks)
+            return y.reshape(x.shape[0] // self.tp.world_size, *x.shape[1:-1], self.out_features)
+        y = ops.gemm_allreduce(rows, self.weight, self.bias, self.tp, self.chunks)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} ({self.in_features_per_rank} per rank), "
                 f"out_features={self.out_features}, bias={self.bias is not None}, tp={self.tp.world_size}, "
-                f"input_is_parallel={self.input_is_parallel}")
+                f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,17 +1,37 @@
-"""Analytic GPU cost model: hardware constants with their sources, and roofline times.
+"""Analytic cost model: hardware constants with their sources, roofline times, and the chunk count of the
+overlapped GEMM + collective ops.
 
-Everything this module returns is *modeled*, never measured; benchmark rows built from it say so.
+Everything this module returns is *modeled*, never measured; benchmark rows built from it say so. A
+`Hardware` is either one of the GPUs of `HARDWARE` (datasheet constants) or calibrated on the running
+machine by tp_kernels.calibration (a short measurement, cached).
+
+Pipeline model of an op that splits M into k chunks (tp_kernels.ops.overlap): each chunk is a GEMM of
+about M/k rows, g(k), and a collective of its rows, c(k) = alpha + algorithm bytes / link bandwidth.
+The first GEMM cannot overlap anything (pipeline fill), nor can the last collective (drain); in between,
+k - 1 stages each last max(g, c) plus the part of min(g, c) that the hardware cannot run concurrently:
+
+    T(k) = g(k) + (k - 1) * (max(g, c) + (1 - overlap_efficiency) * min(g, c)) + c(k)
+
+T(1) = g + c is the sequential time. Chunking pays per chunk a GEMM launch, a collective latency and a
+re-read of the weight, which is why small M wants k = 1, and hides up to min(g, c) of the time at large M:
+the bound is max(T_gemm, T_comm).
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
+COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
+MAX_CHUNKS = 8
+
 
 @dataclass(frozen=True)
 class Hardware:
-    """Peak figures of one GPU and its interconnect (dense math, no sparsity)."""
+    """Peak figures of one GPU and its interconnect (dense math, no sparsity), or the calibrated
+    figures of a CPU host."""
 
     name: str
     tflops_bf16: float  # dense fp16/bf16 tensor-core peak, TFLOP/s
@@ -20,6 +40,16 @@ class Hardware:
     link_gbps: float  # NVLink bandwidth per GPU per direction, GB/s
     link_latency_us: float  # one small all-reduce step across the NVLink fabric, us
     source: str
+    # Fixed host + device cost of one GEMM call (launch, ramp-up, tail), us. GPU default 5 us: the
+    # order of a CUDA kernel launch as NVIDIA's CUDA Graphs post states it ("a few microseconds");
+    # an assumption, not a measurement. Calibrated on CPU.
+    launch_overhead_us: float = 5.0
+    # Fraction of the shorter of (chunk GEMM, chunk collective) that runs concurrently with the longer.
+    # GPU default 1.0 (copy/NVLink engines and SMs separate: the ideal); CPU calibrated, since there the
+    # collective's copies and sums run on the same cores as the GEMM.
+    overlap_efficiency: float = 1.0
+    # Fraction of the roofline a real GEMM reaches; 1.0 models the roofline itself.
+    gemm_efficiency: float = 1.0
 
 
 HARDWARE = {
@@ -32,6 +62,12 @@ HARDWARE = {
     # NVLink 600 GB/s bidirectional per GPU (300 GB/s each way).
     "A100": Hardware("A100-SXM4-80GB", 312.0, 19.5, 2039.0, 300.0, 7.0,
                      "NVIDIA A100 datasheet (SXM4 80GB); latency as for H100, scaled for NVLink 3"),
+    # H800 SXM5: the H100 SXM5 compute and HBM3 with NVLink cut to 400 GB/s bidirectional per GPU
+    # (200 GB/s each way), as NVIDIA's H800 product listing states. The GPU of the Flux paper's anchor
+    # (Chang et al. 2024, arXiv:2406.06858), which bench/gemm_overlap_model.py compares against.
+    "H800": Hardware("H800-SXM5-80GB", 989.0, 67.0, 3350.0, 200.0, 5.0,
+                     "NVIDIA H800 SXM5 listing: H100 SXM5 compute/HBM, NVLink 400 GB/s bidirectional; "
+                     "latency as for H100"),
 }
 
 
@@ -43,3 +79,89 @@ def roofline_time_s(flops: float, bytes_moved: float, hw: Hardware, dtype: torch
     """max(compute time, memory time) at peak: the lower bound a perfect kernel approaches."""
     peak_tflops = hw.tflops_fp32 if dtype == torch.float32 else hw.tflops_bf16
     return max(flops / (peak_tflops * 1e12), bytes_moved / (hw.hbm_gbps * 1e9))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GEMM + collective pipeline
+# ----------------------------------------------------------------------------------------------------------
+def gemm_time_s(m: int, n: int, k: int, dtype: torch.dtype, hw: Hardware) -> float:
+    """One (m, k) x (k, n) GEMM: the roofline (reading both operands, writing the output) at the
+    hardware's GEMM efficiency, plus the fixed cost of a call."""
+    b = dtype_bytes(dtype)
+    bytes_moved = (m * k + n * k + m * n) * b
+    return roofline_time_s(2.0 * m * n * k, bytes_moved, hw, dtype) / hw.gemm_efficiency + hw.launch_overhead_us * 1e-6
+
+
+def collective_time_s(nbytes: float, world_size: int, hw: Hardware, collective: str = "all_reduce") -> float:
+    """A bandwidth-optimal collective over world_size ranks on a payload of nbytes per rank (the
+    all-reduce's input, the reduce-scatter's input, the all-gather's output): latency plus the bytes
+    each rank sends, 2 (p-1)/p of the payload for an all-reduce, (p-1)/p for the other two."""
+    if collective not in COLLECTIVES:
+        raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+    if world_size <= 1:
+        return 0.0
+    share = (world_size - 1) / world_size
+    sent = nbytes * (2.0 * share if collective == "all_reduce" else share)
+    return hw.link_latency_us * 1e-6 + sent / (hw.link_gbps * 1e9)
+
+
+def _collective_payload(m: int, n: int, k: int, collective: str) -> int:
+    """Elements of the collective's payload: the GEMM output (m, n) for the reductions, the gathered
+    input (m, k) for the all-gather."""
+    return m * (k if collective == "all_gather" else n)
+
+
+def pipeline_time_s(m: int, n: int, k: int, world_size: int, dtype: torch.dtype, hw: Hardware, chunks: int,
+                    collective: str = "all_reduce") -> float:
+    """T(chunks) of the module docstring for this rank's GEMM (m, k) x (k, n) and its collective.
+    chunks = 1 is the sequential time, GEMM then collective."""
+    if chunks < 1:
+        raise ValueError(f"chunks must be >= 1, got {chunks}")
+    rows = math.ceil(m / chunks)  # the largest chunk sets the pace of the stages
+    g = gemm_time_s(rows, n, k, dtype, hw)
+    c = collective_time_s(_collective_payload(rows, n, k, collective) * dtype_bytes(dtype), world_size, hw,
+                          collective)
+    stage = max(g, c) + (1.0 - hw.overlap_efficiency) * min(g, c)
+    return g + (chunks - 1) * stage + c
+
+
+def overlap_bound_s(m: int, n: int, k: int, world_size: int, dtype: torch.dtype, hw: Hardware,
+                    collective: str = "all_reduce") -> float:
+    """max(T_gemm, T_comm) of the unchunked op: what perfect overlap would reach."""
+    g = gemm_time_s(m, n, k, dtype, hw)
+    c = collective_time_s(_collective_payload(m, n, k, collective) * dtype_bytes(dtype), world_size, hw, collective)
+    return max(g, c)
+
+
+@functools.lru_cache(maxsize=4096)
+def _argmin_chunks(m: int, n: int, k: int, world_size: int, dtype: torch.dtype, hw: Hardware, collective: str,
+                   max_chunks: int) -> int:
+    candidates = range(1, min(max_chunks, m) + 1)
+    # min() keeps the first of equal times: ties go to fewer chunks
+    return min(candidates, key=lambda c: pipeline_time_s(m, n, k, world_size, dtype, hw, c, collective))
+
+
+@functools.lru_cache(maxsize=4096)
+def best_chunks(m: int, n: int, k: int, world_size: int, dtype: torch.dtype, hw: Hardware,
+                collective: str = "all_reduce", max_chunks: int = MAX_CHUNKS) -> int:
+    """The chunk count in [1, max_chunks] that minimizes T(k) for this rank's GEMM (m, k) x (k, n)
+    followed by `collective` over world_size ranks. 1 for m = 1 and for one rank.
+
+    The choice is made at power-of-two buckets of m and is the largest argmin over the buckets up to m.
+    That makes it non-decreasing in m by construction: the argmin alone is not, since a pipeline whose
+    bottleneck switches from the collective to the GEMM between two sizes can prefer fewer chunks at
+    the larger one. Serving code buckets token counts to powers of two anyway (CUDA graph batch sizes).
+    """
+    if collective not in COLLECTIVES:
+        raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+    if m < 1 or n < 1 or k < 1:
+        raise ValueError(f"m, n, k must be >= 1, got {m}, {n}, {k}")
+    if max_chunks < 1:
+        raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")
+    if world_size <= 1 or m == 1:
+        return 1  # nothing to overlap with / nothing to split
+    best, bucket = 1, 2
+    while bucket <= m:
+        best = max(best, _argmin_chunks(bucket, n, k, world_size, dtype, hw, collective, max_chunks))
+        bucket *= 2
+    return best

@@ -9,7 +9,7 @@ Collectives appear here in their single-process form: the inputs of every rank a
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +136,19 @@ def gemm_allreduce(xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor],
     if bias is not None:
         y = y + bias.to(compute_dtype)
     return y.to(xs[0].dtype)
+
+
+def gemm_reduce_scatter(xs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor],
+                        bias: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """Sequence-parallel row-parallel linear: gemm_allreduce(xs, ws, bias) split along M into one block
+    of M / p rows per rank; returns the list of blocks, rank 0's first."""
+    return list(gemm_allreduce(xs, ws, bias).chunk(len(xs), dim=0))
+
+
+def allgather_gemm(xs: Sequence[torch.Tensor], w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Sequence-parallel column-parallel linear on one rank: the ranks' token blocks xs[r] (M / p, K)
+    gathered along M, then linear with this rank's w (N_per_rank, K) and bias: (M, N_per_rank)."""
+    return linear(all_gather(xs, dim=0), w, bias)
 
 
 def allreduce_residual_rmsnorm(xs: Sequence[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,

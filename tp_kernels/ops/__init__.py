@@ -17,11 +17,12 @@ from tp_kernels.distributed import TPGroup
 if _C is not None:
     from tp_kernels.ops import fake as _fake  # noqa: F401  (registers fake impls)
     from tp_kernels.ops import native as _native  # noqa: F401  (registers torch-native impls)
+    from tp_kernels.ops import overlap as _overlap  # noqa: F401  (registers the overlapped GEMM + collectives)
 
 GroupLike = Union[TPGroup, str]
 
-__all__ = ["qkv_rope", "qkv_rope_kv_cache", "gemm_allreduce", "all_reduce", "all_gather", "add_rmsnorm",
-           "allreduce_residual_rmsnorm"]
+__all__ = ["qkv_rope", "qkv_rope_kv_cache", "gemm_allreduce", "gemm_reduce_scatter", "allgather_gemm", "all_reduce",
+           "all_gather", "add_rmsnorm", "allreduce_residual_rmsnorm"]
 
 
 def _group_name(tp: GroupLike) -> str:
@@ -85,12 +86,48 @@ def gemm_allreduce(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor
         torch.distributed.all_reduce(y, group=tp.process_group)
         y = y + bias
 
-    M is processed in `chunks` pieces so the reduction of one overlaps the GEMM of the next where the
-    backend overlaps; chunks=None lets the implementation choose. The result equals the unchunked one up
-    to the order of floating-point sums.
+    M is processed in `chunks` pieces so the reduction of one overlaps the GEMM of the next (CPU: on a
+    communication thread; CUDA: on a communication stream); chunks=None lets the cost model
+    (tp_kernels.perfmodel.best_chunks) choose, 1 for decode-sized M. The result equals the unchunked one
+    up to the order of floating-point sums.
     """
     require_extension()
     return torch.ops.tp_kernels.gemm_allreduce(x, w, bias, _group_name(tp), chunks)
+
+
+def gemm_reduce_scatter(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], tp: GroupLike,
+                        chunks: Optional[int] = None) -> torch.Tensor:
+    """Sequence-parallel row-parallel linear: the summed GEMM, scattered along tokens, plus bias once.
+
+    Plain PyTorch equivalent (x (M, K_per_rank), w (N, K_per_rank), bias (N,); M divisible by p)::
+
+        y = x @ w.T                                              # (M, N) partial sums
+        out = torch.empty(M // p, N, dtype=x.dtype)
+        torch.distributed.reduce_scatter_tensor(out, y, group=tp.process_group)
+        out = out + bias                                         # rank r: rows [r M/p, (r+1) M/p)
+
+    M not divisible by the world size raises ValueError (pad the tokens). Chunked like gemm_allreduce:
+    rows [start, stop) of every rank's block are one chunk, so each chunk's reduction serves every rank.
+    """
+    require_extension()
+    return torch.ops.tp_kernels.gemm_reduce_scatter(x, w, bias, _group_name(tp), chunks)
+
+
+def allgather_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], tp: GroupLike,
+                   chunks: Optional[int] = None) -> torch.Tensor:
+    """Sequence-parallel column-parallel linear: every rank's token rows gathered, times this rank's
+    weight shard, plus its bias shard.
+
+    Plain PyTorch equivalent (x (M_per_rank, K), the same M_per_rank on every rank; w (N_per_rank, K))::
+
+        full = torch.empty(p * M_per_rank, K, dtype=x.dtype)
+        torch.distributed.all_gather_into_tensor(full, x, group=tp.process_group)   # rank 0's rows first
+        y = full @ w.T + bias                                                        # (M, N_per_rank)
+
+    Chunked along M_per_rank: chunk i+1 is gathered while chunk i's GEMM runs.
+    """
+    require_extension()
+    return torch.ops.tp_kernels.allgather_gemm(x, w, bias, _group_name(tp), chunks)
 
 
 def all_reduce(x: torch.Tensor, tp: GroupLike, algo: str = "auto") -> torch.Tensor:
@@ -157,6 +194,7 @@ if _C is not None:
             import warnings
 
             warnings.warn(f"triton could not be imported ({_triton_error}); tp_kernels.ops.qkv_rope and "
-                          "qkv_rope_kv_cache will have no CUDA implementation", RuntimeWarning, stacklevel=2)
+                          "qkv_rope_kv_cache will have no CUDA implementation and the GEMMs of gemm_allreduce and its "
+                          "sequence-parallel pair use torch.matmul", RuntimeWarning, stacklevel=2)
     else:
         from tp_kernels.ops import triton_impls as _triton_impls  # noqa: F401  (registers the CUDA kernels)

@@ -98,6 +98,15 @@ def check_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], c
         raise ValueError(f"chunks must be >= 1 or None, got {chunks}")
 
 
+def check_gemm_reduce_scatter(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
+                              chunks: Optional[int], world_size: int) -> None:
+    """check_gemm, and M divisible by the world size: each rank gets M / world_size output rows."""
+    check_gemm(x, w, bias, chunks)
+    if x.shape[0] % world_size:
+        raise ValueError(f"x must have a number of rows M divisible by the world size {world_size} (each rank "
+                         f"gets M / {world_size} output rows), got M = {x.shape[0]}; pad the tokens to a multiple")
+
+
 def check_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
     check_dtype("x", x)
     if x.dim() < 1:

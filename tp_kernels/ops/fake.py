@@ -31,6 +31,23 @@ def _gemm_allreduce_fake(x, w, bias, group, chunks=None):
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
+@torch.library.register_fake("tp_kernels::gemm_reduce_scatter")
+def _gemm_reduce_scatter_fake(x, w, bias, group, chunks=None):
+    from tp_kernels.distributed import resolve
+
+    world_size = resolve(group).world_size
+    checks.check_gemm_reduce_scatter(x, w, bias, chunks, world_size)
+    return x.new_empty((x.shape[0] // world_size, w.shape[0]))
+
+
+@torch.library.register_fake("tp_kernels::allgather_gemm")
+def _allgather_gemm_fake(x, w, bias, group, chunks=None):
+    from tp_kernels.distributed import resolve
+
+    checks.check_gemm(x, w, bias, chunks)
+    return x.new_empty((resolve(group).world_size * x.shape[0], w.shape[0]))
+
+
 @torch.library.register_fake("tp_kernels::all_reduce")
 def _all_reduce_fake(x, group, algo="auto"):
     return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -2,7 +2,8 @@
 
 The math is tp_kernels.reference's; the communication is the TPGroup's backend chain. The same code is
 device-generic, so it is also registered for CUDA for the ops whose fused GPU kernels are not in yet
-(add_rmsnorm has its own CPU and CUDA kernels in csrc/). When a fused CUDA kernel lands, its registration
+(add_rmsnorm has its own CPU and CUDA kernels in csrc/; the overlapped GEMM + collective ops are in
+tp_kernels.ops.overlap). When a fused CUDA kernel lands, its registration
 replaces the "cuda" entry here.
 """
 import torch
@@ -31,22 +32,6 @@ def _qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin_cache, positions, cache_batch_in
     return q
 
 
-def _gemm_allreduce(x, w, bias, group, chunks=None):
-    """Chunk i's partial product is reduced before chunk i+1 is computed (no overlap here; the overlapped
-    pipeline replaces this). chunks=None means one chunk."""
-    checks.check_gemm(x, w, bias, chunks)
-    tp = resolve(group)
-    n_rows = x.shape[0]
-    n_chunks = max(1, min(chunks or 1, n_rows))
-    bounds = [i * n_rows // n_chunks for i in range(n_chunks + 1)]
-    out = x.new_empty((n_rows, w.shape[0]))
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        out[start:stop] = tp.all_reduce(x[start:stop] @ w.T)
-    if bias is not None:
-        out += bias  # once, after the reduction: every rank holds the full bias
-    return out
-
-
 def _all_reduce(x, group, algo="auto"):
     return resolve(group).all_reduce(x.contiguous(), algo)
 
@@ -65,7 +50,6 @@ def _allreduce_residual_rmsnorm(x, residual, weight, eps, group):
 # qkv_rope's CUDA implementation is the Triton kernel (tp_kernels.ops.triton_impls)
 torch.library.register_kernel("tp_kernels::qkv_rope", "cpu", _qkv_rope)
 torch.library.register_kernel("tp_kernels::qkv_rope_kv_cache", "cpu", _qkv_rope_kv_cache)
-torch.library.register_kernel("tp_kernels::gemm_allreduce", CPU_AND_CUDA, _gemm_allreduce)
 torch.library.register_kernel("tp_kernels::all_reduce", CPU_AND_CUDA, _all_reduce)
 torch.library.register_kernel("tp_kernels::all_gather", CPU_AND_CUDA, _all_gather)
 torch.library.register_kernel("tp_kernels::allreduce_residual_rmsnorm", CPU_AND_CUDA, _allreduce_residual_rmsnorm)

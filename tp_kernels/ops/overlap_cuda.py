@@ -1,0 +1,100 @@
+"""The CUDA pipelines of the overlapped ops (tp_kernels.ops.overlap explains the design and why it is
+orchestrated from Python): chunk GEMMs on the current stream, collectives on a communication stream that
+waits for an event after each GEMM, the current stream waiting for the communication stream at the end.
+Stream waits and events only, no host synchronization, so every op here is capturable in a CUDA graph.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from tp_kernels.distributed import resolve
+from tp_kernels.ops import checks
+from tp_kernels.ops.overlap import (_add_bias_, _block_gemm, _chunk_gemm, _gather_rows, _reduce_rows_of_rank,
+                                    chunk_bounds, plan_chunks)
+
+_COMM_STREAMS: Dict[int, torch.cuda.Stream] = {}
+
+
+def comm_stream(device: torch.device) -> torch.cuda.Stream:
+    """The communication stream of a device, made once and reused (so a captured graph and eager calls
+    use the same one)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _COMM_STREAMS.get(index)
+    if stream is None:
+        stream = _COMM_STREAMS[index] = torch.cuda.Stream(device=index)
+    return stream
+
+
+def _reduce_pipeline(tp, out_chunks, gemms, reduce):
+    """For each chunk: its GEMM on the compute stream, then its reduction on the communication stream
+    (after an event recorded behind the GEMM), written into out_chunks[i]."""
+    device = out_chunks[0].device
+    compute = torch.cuda.current_stream(device)
+    comm = comm_stream(device)
+    for out_chunk, gemm in zip(out_chunks, gemms):
+        partial = gemm()
+        comm.wait_stream(compute)  # matches the GEMM just queued: records an event, comm waits on it
+        with torch.cuda.stream(comm):
+            out_chunk.copy_(reduce(tp, partial))
+        partial.record_stream(comm)  # the allocator may not hand partial's memory to the compute stream
+        # before the communication stream has read it
+    compute.wait_stream(comm)  # matches the last reduction: the bias and the caller see finished rows
+
+
+def _gemm_allreduce_cuda(x, w, bias, group, chunks=None):
+    checks.check_gemm(x, w, bias, chunks)
+    tp = resolve(group)
+    m, k = x.shape
+    n = w.shape[0]
+    n_chunks = plan_chunks(chunks, tp, x, m, n, k, m, "all_reduce")
+    out = x.new_empty((m, n))
+    bounds = chunk_bounds(m, n_chunks)
+    _reduce_pipeline(tp, [out[s:e] for s, e in bounds],
+                     [lambda s=s, e=e: _chunk_gemm(x[s:e], w) for s, e in bounds],
+                     lambda tp_, t: tp_.all_reduce(t))
+    return _add_bias_(out, bias)
+
+
+def _gemm_reduce_scatter_cuda(x, w, bias, group, chunks=None):
+    tp = resolve(group)
+    checks.check_gemm_reduce_scatter(x, w, bias, chunks, tp.world_size)
+    m, k = x.shape
+    n = w.shape[0]
+    rows_per_rank = m // tp.world_size
+    x_blocks = x.reshape(tp.world_size, rows_per_rank, k)  # (p, M / p, K)
+    n_chunks = plan_chunks(chunks, tp, x, m, n, k, rows_per_rank, "all_reduce")
+    out = x.new_empty((rows_per_rank, n))
+    bounds = chunk_bounds(rows_per_rank, n_chunks)
+    _reduce_pipeline(tp, [out[s:e] for s, e in bounds],
+                     [lambda s=s, e=e: _block_gemm(x_blocks, w, s, e) for s, e in bounds],
+                     _reduce_rows_of_rank)
+    return _add_bias_(out, bias)
+
+
+def _allgather_gemm_cuda(x, w, bias, group, chunks=None):
+    checks.check_gemm(x, w, bias, chunks)
+    tp = resolve(group)
+    rows_per_rank, k = x.shape
+    n = w.shape[0]
+    p = tp.world_size
+    n_chunks = plan_chunks(chunks, tp, x, p * rows_per_rank, n, k, rows_per_rank, "all_gather")
+    out = x.new_empty((p, rows_per_rank, n))  # (p, M / p, N): block r <- rank r's input rows
+    bounds = chunk_bounds(rows_per_rank, n_chunks)
+    compute = torch.cuda.current_stream(x.device)
+    comm = comm_stream(x.device)
+    comm.wait_stream(compute)  # x is written by work queued on the compute stream
+    gathered = []
+    with torch.cuda.stream(comm):  # every gather queued at once: chunk i+1 gathers while chunk i multiplies
+        for start, stop in bounds:
+            chunk = _gather_rows(tp, x[start:stop])  # (p * rows, K)
+            done = torch.cuda.Event()
+            done.record(comm)
+            gathered.append((chunk, done))
+    x.record_stream(comm)
+    for (start, stop), (chunk, done) in zip(bounds, gathered):
+        compute.wait_event(done)  # matches done.record above
+        chunk.record_stream(compute)
+        out[:, start:stop] = _chunk_gemm(chunk, w, bias).view(p, stop - start, n)
+    return out.view(p * rows_per_rank, n)
