@@ -6,6 +6,8 @@ how to fix it; the ops then raise when called instead of at import.
 """
 import warnings
 
+import torch  # noqa: F401  (_C links against libtorch/libc10, which only torch's import loads)
+
 try:
     from tp_kernels import _C  # noqa: F401  (loading runs the TORCH_LIBRARY registrations)
 
