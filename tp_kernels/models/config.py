@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Tuple, Union
 
 FAMILIES = ("llama", "gpt2")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")

@@ -60,8 +60,9 @@ class Attention(nn.Module):
                                         dtype=dtype, device=device)
         self.rope_style = "neox" if args.family == "llama" else "none"
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor, cos_sin: Optional[torch.Tensor],
-                k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor,
+                cos_sin: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
         """x (B, S, dim) -> attention output before o_proj, (B * S, n_heads_per_rank * head_dim)."""
         batch, seq, _ = x.shape
         n_heads_per_rank, head_dim = self.qkv.n_heads_per_rank, self.qkv.head_dim

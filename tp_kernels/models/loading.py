@@ -239,7 +239,8 @@ def _gpt2_steps(model, src: TensorSource):
 
         def step():
             norm(block.ln_1, p + "ln_1")
-            block.attn.qkv.load_full(conv1d(p + "attn.c_attn.weight", d, 3 * d), src.get(p + "attn.c_attn.bias", (3 * d,)))
+            block.attn.qkv.load_full(conv1d(p + "attn.c_attn.weight", d, 3 * d),
+                                     src.get(p + "attn.c_attn.bias", (3 * d,)))
             block.attn.o_proj.load_full(conv1d(p + "attn.c_proj.weight", d, d), src.get(p + "attn.c_proj.bias", (d,)))
             norm(block.ln_2, p + "ln_2")
             block.fc.load_full(conv1d(p + "mlp.c_fc.weight", d, n_inner), src.get(p + "mlp.c_fc.bias", (n_inner,)))
