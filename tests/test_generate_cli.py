@@ -22,3 +22,24 @@ def test_cli_rejects_an_unknown_model():
 
     with pytest.raises(SystemExit):
         parse_args(["--model", "no-such-model-or-dir", "--prompt", "x"])
+
+
+def test_cli_on_a_hf_directory_with_its_tokenizer(tmp_path, capsys):
+    """TP=1 in this process: config.json + model.safetensors written by HF, and a tokenizer.json."""
+    pytest.importorskip("transformers", reason="writes the checkpoint with save_pretrained")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tp_kernels.generate import main
+
+    vocab = 101
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                               eos_token_id=None, bos_token_id=None)).save_pretrained(tmp_path)
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert main(["--model", str(tmp_path), "--prompt", "w1 w2 w3", "--max-new-tokens", "4"]) == 0
+    text, stats = capsys.readouterr().out.split("---\n")
+    words = text.split()
+    assert len(words) == 4 and all(w.startswith("w") and 0 <= int(w[1:]) < vocab for w in words), text
+    assert "prefill: 3 tokens" in stats and "decode: 3 steps" in stats

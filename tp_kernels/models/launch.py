@@ -7,6 +7,7 @@ import os
 import queue
 import shutil
 import tempfile
+import time
 import traceback
 from typing import Any, Callable, List
 
@@ -15,6 +16,8 @@ import torch.multiprocessing as mp
 
 # A rank that has not answered by then is reported by number instead of being waited for forever.
 DEFAULT_TIMEOUT_S = 600.0
+POLL_S = 0.5  # how often the parent checks for crashed rank processes
+FAILURE_GRACE_S = 30.0  # after one rank failed, how long the others get to report
 
 
 def _rank_main(rank: int, world_size: int, init_file: str, threads_per_rank: int, fn: Callable, args: tuple,
@@ -51,16 +54,26 @@ def run_on_cpu_ranks(world_size: int, fn: Callable, *args, timeout_s: float = DE
         for p in procs:
             p.start()
         done, failed = {}, {}
+        deadline = time.monotonic() + timeout_s
         while len(done) + len(failed) < world_size:
             try:
-                rank, ok, payload = results.get(timeout=timeout_s if not failed else 30.0)
+                rank, ok, payload = results.get(timeout=POLL_S)
+                (done if ok else failed)[rank] = payload
+                if failed:  # the others may wait in a collective on the failed rank: short grace only
+                    deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+                continue
             except queue.Empty:
+                pass
+            for rank, p in enumerate(procs):  # a crashed process never reports: notice it here
+                if rank not in done and rank not in failed and p.exitcode not in (None, 0):
+                    failed[rank] = f"rank {rank}'s process exited with code {p.exitcode} without a result"
+                    deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+            if time.monotonic() > deadline:
                 if failed:
                     break
                 missing = sorted(set(range(world_size)) - set(done))
                 raise TimeoutError(f"ranks {missing} of {world_size} did not finish {fn.__name__} within "
-                                   f"{timeout_s:.0f} s") from None
-            (done if ok else failed)[rank] = payload
+                                   f"{timeout_s:.0f} s")
         if failed:
             report = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failed.items()))
             raise RuntimeError(f"{fn.__name__} failed on ranks {sorted(failed)}:\n{report}")

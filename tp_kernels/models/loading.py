@@ -20,7 +20,7 @@ import abc
 import json
 import os
 import re
-from typing import Dict, List, Sequence, Set, Tuple
+from typing import Dict, KeysView, List, Sequence, Set, Tuple
 
 import torch
 
@@ -61,8 +61,8 @@ class TensorSource(abc.ABC):
         self.used: Set[str] = set()
 
     @abc.abstractmethod
-    def names(self) -> Set[str]:
-        """Every tensor name the source holds."""
+    def names(self) -> KeysView[str]:
+        """Every tensor name the source holds (a keys view: O(1) membership, set operations)."""
 
     @abc.abstractmethod
     def _lookup(self, name: str):
@@ -111,8 +111,8 @@ class DictSource(TensorSource):
         super().__init__()
         self.tensors = tensors
 
-    def names(self) -> Set[str]:
-        return set(self.tensors)
+    def names(self) -> KeysView[str]:
+        return self.tensors.keys()
 
     def _lookup(self, name: str):
         return self.tensors[name]
@@ -150,8 +150,8 @@ class SafetensorsSource(TensorSource):
                         self.file_of[name] = os.path.join(self.path, file)
         self._handles: Dict[str, object] = {}
 
-    def names(self) -> Set[str]:
-        return set(self.file_of)
+    def names(self) -> KeysView[str]:
+        return self.file_of.keys()
 
     def _lookup(self, name: str):
         file = self.file_of[name]
