@@ -5,13 +5,20 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def _env_importing_this_tp_kernels() -> dict:
+    """The child must import the tp_kernels this process imported (the source tree, or the installed package
+    when the CPU-torch suite runs from inside .venv-cpu), whatever its working directory."""
+    import tp_kernels
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(tp_kernels.__file__)))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
 
 
 def test_cli_generates_at_tp2():
     cmd = [sys.executable, "-m", "tp_kernels.generate", "--model", "tiny", "--tp", "2", "--prompt", "hello",
            "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=_env_importing_this_tp_kernels(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "prefill: 5 tokens" in proc.stdout
     assert "decode: 7 steps" in proc.stdout and "tokens/s" in proc.stdout and "GB/s" in proc.stdout
