@@ -51,6 +51,16 @@ def test_presets():
         ModelArgs.from_name("huge")
 
 
+@pytest.mark.parametrize("change, match", [
+    ({"activation": "silu"}, "gpt2's MLP activation"),
+    ({"mlp_bias": False}, "biases on every linear layer"),
+    ({"n_kv_heads": 2}, "no grouped-query attention"),
+])
+def test_inconsistent_gpt2_args_raise(change, match):
+    with pytest.raises(ValueError, match=match):
+        ModelArgs.from_name("tiny-gpt2").replace(**change)
+
+
 def test_frozen():
     with pytest.raises(AttributeError):
         ModelArgs.from_name("tiny").dim = 3

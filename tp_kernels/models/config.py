@@ -58,9 +58,16 @@ class ModelArgs:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.family == "gpt2" and self.n_kv_heads != self.n_heads:
-            raise ValueError(f"gpt2 has no grouped-query attention: n_kv_heads ({self.n_kv_heads}) must equal "
-                             f"n_heads ({self.n_heads})")
+        if self.family == "gpt2":
+            if self.n_kv_heads != self.n_heads:
+                raise ValueError(f"gpt2 has no grouped-query attention: n_kv_heads ({self.n_kv_heads}) must equal "
+                                 f"n_heads ({self.n_heads})")
+            if not (self.qkv_bias and self.o_bias and self.mlp_bias):
+                raise ValueError("gpt2 has biases on every linear layer: qkv_bias, o_bias and mlp_bias must be True")
+            if self.activation not in ("gelu", "gelu_tanh"):
+                raise ValueError(f"gpt2's MLP activation must be 'gelu' or 'gelu_tanh', got {self.activation!r}")
+        elif self.activation != "silu":
+            raise ValueError(f"llama's SwiGLU MLP uses activation 'silu', got {self.activation!r}")
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
 
     @property
