@@ -69,7 +69,7 @@ def _lm_head_rank(tp, lin, emb, x):
 
 
 def _block_rank(tp, block, x):
-    from tp_kernels.demo import ParallelBlock
+    from transformer_block import ParallelBlock
 
     return ParallelBlock.from_reference(block, tp)(x)
 
@@ -160,7 +160,7 @@ def test_parallel_lm_head(world_size, dtype):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_transformer_block_equals_unsharded(world_size):
-    from tp_kernels.demo import ReferenceBlock
+    from transformer_block import ReferenceBlock
 
     block = ReferenceBlock()
     x = torch.randn(2, 5, 64)

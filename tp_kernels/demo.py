@@ -1,151 +1,50 @@
-"""`make demo`: a Llama-style transformer block sharded over TP=2 CPU ranks equals the unsharded block.
-
-The block is RMSNorm -> fused QKV + RoPE (ops.qkv_rope) -> causal GQA attention -> o_proj whose reduction is
-fused with the residual add and the next RMSNorm (ops.allreduce_residual_rmsnorm) -> SwiGLU MLP
-(MergedColumnParallelLinear, RowParallelLinear = ops.gemm_allreduce) -> residual add. The unsharded block is
-plain PyTorch modules; the parallel one is built from it with the layers' from_linear constructors.
-
-    python -m tp_kernels.demo [--tp 2] [--tokens 16]
-"""
+"""`make demo`: the `tiny` preset with seeded random weights generates 32 tokens at TP=1 in this process
+and at TP=2 on two CPU ranks (gloo); the TP=2 tokens must equal the TP=1 tokens on both ranks. Prints
+tokens/s for both and exits non-zero on a mismatch."""
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
-import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from tp_kernels import layers, ops, reference
-from tp_kernels.distributed import TPGroup
-
-
-class ReferenceBlock(nn.Module):
-    """The unsharded block in plain PyTorch (names as in Hugging Face Llama)."""
-
-    def __init__(self, hidden: int = 64, intermediate: int = 128, n_heads: int = 4, n_kv_heads: int = 2,
-                 max_position: int = 256, eps: float = 1e-5):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim, self.eps = n_heads, n_kv_heads, hidden // n_heads, eps
-        self.input_norm = nn.Parameter(1 + 0.1 * torch.randn(hidden))
-        self.post_attention_norm = nn.Parameter(1 + 0.1 * torch.randn(hidden))
-        self.q_proj = nn.Linear(hidden, n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * self.head_dim, hidden, bias=False)
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self.register_buffer("cos_sin", reference.rope_cos_sin_cache(max_position, self.head_dim))
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, hidden = x.shape
-        h = reference.rmsnorm(x, self.input_norm, self.eps)
-        q = self.q_proj(h).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.k_proj(h).view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(h).view(batch, seq, self.n_kv_heads, self.head_dim)
-        cos_sin = self.cos_sin[torch.arange(seq)]  # (seq, head_dim)
-        q = torch.stack([reference.apply_rope(q[b], cos_sin, "neox") for b in range(batch)])
-        k = torch.stack([reference.apply_rope(k[b], cos_sin, "neox") for b in range(batch)])
-        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              is_causal=True, enable_gqa=True)  # (batch, n_heads, seq, head_dim)
-        x = x + self.o_proj(attn.transpose(1, 2).reshape(batch, seq, hidden))
-        h = reference.rmsnorm(x, self.post_attention_norm, self.eps)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+PRESET = "tiny"
+WEIGHT_SEED = 1234
+MAX_NEW_TOKENS = 32
+PROMPT = "Tensor parallelism splits each weight matrix across devices."
 
 
-class ParallelBlock(nn.Module):
-    """The same block on one rank of a TP group: this rank's heads and intermediate features."""
+def _generate(tp):
+    """Greedy tokens and stats of the demo model on this rank (after an untimed warm-up call)."""
+    from tp_kernels.models import GPT, generate
+    from tp_kernels.models.tokenizer import ByteTokenizer
 
-    def __init__(self, ref: ReferenceBlock, tp: TPGroup):
-        super().__init__()
-        self.tp, self.eps, self.head_dim = tp, ref.eps, ref.head_dim
-        self.input_norm = ref.input_norm.detach().clone()
-        self.post_attention_norm = ref.post_attention_norm.detach().clone()
-        self.qkv = layers.QKVParallelLinear.from_linears(ref.q_proj, ref.k_proj, ref.v_proj, tp, head_dim=ref.head_dim)
-        self.o_proj = layers.RowParallelLinear.from_linear(ref.o_proj, tp)
-        self.gate_up = layers.MergedColumnParallelLinear.from_linears([ref.gate_proj, ref.up_proj], tp)
-        self.down_proj = layers.RowParallelLinear.from_linear(ref.down_proj, tp)
-        self.cos_sin = ref.cos_sin
-
-    @classmethod
-    def from_reference(cls, ref: ReferenceBlock, tp: TPGroup) -> "ParallelBlock":
-        return cls(ref, tp)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, hidden = x.shape
-        tokens = x.reshape(batch * seq, hidden)  # (T, hidden)
-        h = reference.rmsnorm(tokens, self.input_norm, self.eps)
-        positions = torch.arange(seq).repeat(batch)  # (T,)
-        q, k, v = ops.qkv_rope(h, self.qkv.weight, self.qkv.bias, self.cos_sin, positions,
-                               n_heads_per_rank=self.qkv.n_heads_per_rank,
-                               n_kv_heads_per_rank=self.qkv.n_kv_heads_per_rank, head_dim=self.head_dim)
-
-        def heads_first(t):  # (T, n, head_dim) -> (batch, n, seq, head_dim)
-            return t.view(batch, seq, t.shape[1], self.head_dim).transpose(1, 2)
-
-        attn = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True,
-                                              enable_gqa=True)
-        attn = attn.transpose(1, 2).reshape(batch * seq, -1)  # (T, n_heads_per_rank * head_dim)
-        # o_proj's partial product; its reduction is fused with the residual add and the next norm.
-        partial = F.linear(attn, self.o_proj.weight)
-        h, residual = ops.allreduce_residual_rmsnorm(partial, tokens, self.post_attention_norm, self.eps, self.tp)
-        gate, up = self.gate_up.split(self.gate_up(h))
-        out = residual + self.down_proj(F.silu(gate) * up)
-        return out.view(batch, seq, hidden)
+    model = GPT.from_preset(PRESET, tp, seed=WEIGHT_SEED)
+    prompt = ByteTokenizer().encode(PROMPT)
+    generate(model, [prompt], 2)  # warm-up: the first custom-op call imports torch._dynamo (seconds)
+    tokens, stats = generate(model, [prompt], MAX_NEW_TOKENS)
+    return tokens[0], stats
 
 
-def _rank_main(rank: int, world_size: int, init_file: str, block: ReferenceBlock, x: torch.Tensor, results):
-    torch.set_num_threads(1)
-    tp = TPGroup.init(rank=rank, world_size=world_size, backend="gloo", init_method=f"file://{init_file}")
-    try:
-        parallel = ParallelBlock(block, tp)
-        parallel(x)  # warm-up
-        start = time.perf_counter()
-        y = parallel(x)
-        elapsed = time.perf_counter() - start
-        if rank == 0:
-            results.put((y.numpy(), elapsed))  # by value: the rank exits before the parent reads
-    finally:
-        tp.close()
-        torch.distributed.destroy_process_group()
+def main() -> int:
+    from tp_kernels.distributed import TPGroup
+    from tp_kernels.models.launch import run_on_cpu_ranks
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tp", type=int, default=2, help="number of CPU ranks (default 2)")
-    parser.add_argument("--tokens", type=int, default=16, help="sequence length (default 16)")
-    args = parser.parse_args(argv)
-    if args.tp not in (1, 2, 4):
-        parser.error(f"--tp must be 1, 2 or 4 (the block has 4 heads and 2 KV heads), got {args.tp}")
-
-    torch.manual_seed(0)
-    block = ReferenceBlock()
-    x = torch.randn(2, args.tokens, 64)
-    block(x)  # warm-up, as the ranks do
-    start = time.perf_counter()
-    expected = block(x)
-    unsharded_s = time.perf_counter() - start
-
-    ctx = torch.multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.multiprocessing.start_processes(_rank_main, args=(args.tp, os.path.join(tmp, "init"), block, x, results),
-                                              nprocs=args.tp, join=True, start_method="spawn")
-    y, parallel_s = results.get(timeout=60)
-    y = torch.from_numpy(y)
-    max_err = (y - expected).abs().max().item()
-    ok = torch.allclose(y, expected, atol=1e-5, rtol=1e-5)
-    print(f"Llama-style block, hidden 64, 4 heads / 2 KV heads, batch 2 x {args.tokens} tokens, fp32 on CPU")
-    print(f"  unsharded (plain PyTorch):      {unsharded_s * 1e3:7.2f} ms")
-    print(f"  TP={args.tp} on CPU ranks (tp_kernels): {parallel_s * 1e3:7.2f} ms   max |diff| = {max_err:.2e}")
-    print("  PASS: the sharded block equals the unsharded block" if ok else "  FAIL: outputs differ")
-    return 0 if ok else 1
+    torch.set_num_threads(1)  # the same one thread per rank as the TP=2 ranks get on 2 cores
+    expected, stats_1 = _generate(TPGroup.single())
+    per_rank = run_on_cpu_ranks(2, _generate)
+    print(f"preset {PRESET!r}, seeded random weights, prompt {PROMPT!r}, {MAX_NEW_TOKENS} new tokens (greedy)")
+    print(f"TP=1 tokens: {expected}")
+    for label, (_, stats) in (("TP=1", (expected, stats_1)), ("TP=2", per_rank[0])):
+        print(f"{label}: prefill {stats.prefill_tokens_per_s:8.1f} tokens/s, decode {stats.decode_tokens_per_s:8.1f} "
+              "tokens/s (CPU, wall clock)")
+    mismatched = [rank for rank, (tokens, _) in enumerate(per_rank) if tokens != expected]
+    if mismatched:
+        for rank in mismatched:
+            print(f"TP=2 rank {rank} tokens: {per_rank[rank][0]}")
+        print(f"FAIL: TP=2 ranks {mismatched} generated other tokens than TP=1")
+        return 1
+    print("OK: TP=2 tokens equal TP=1 tokens on both ranks")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""`python -m tp_kernels.generate` end to end: the tiny preset on two CPU ranks it spawns itself."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _env_importing_this_tp_kernels() -> dict:
+    """The child must import the tp_kernels this process imported (the source tree, or the installed package
+    when the CPU-torch suite runs from inside .venv-cpu), whatever its working directory."""
+    import tp_kernels
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(tp_kernels.__file__)))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
+
+
+def test_cli_generates_at_tp2():
+    cmd = [sys.executable, "-m", "tp_kernels.generate", "--model", "tiny", "--tp", "2", "--prompt", "hello",
+           "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
+    proc = subprocess.run(cmd, env=_env_importing_this_tp_kernels(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "prefill: 5 tokens" in proc.stdout
+    assert "decode: 7 steps" in proc.stdout and "tokens/s" in proc.stdout and "GB/s" in proc.stdout
+
+
+def test_cli_rejects_an_unknown_model():
+    from tp_kernels.generate import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "no-such-model-or-dir", "--prompt", "x"])
+
+
+def test_cli_on_a_hf_directory_with_its_tokenizer(tmp_path, capsys):
+    """TP=1 in this process: config.json + model.safetensors written by HF, and a tokenizer.json."""
+    pytest.importorskip("transformers", reason="writes the checkpoint with save_pretrained")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tp_kernels.generate import main
+
+    vocab = 101
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                               eos_token_id=None, bos_token_id=None)).save_pretrained(tmp_path)
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert main(["--model", str(tmp_path), "--prompt", "w1 w2 w3", "--max-new-tokens", "4"]) == 0
+    text, stats = capsys.readouterr().out.split("---\n")
+    words = text.split()
+    assert len(words) == 4 and all(w.startswith("w") and 0 <= int(w[1:]) < vocab for w in words), text
+    assert "prefill: 3 tokens" in stats and "decode: 3 steps" in stats
