@@ -363,7 +363,8 @@ class _LlamaPlanner(_Planner):
         for i in range(len(self.model.model.layers)):
             attn_name, mlp_name = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
             attn = self.expect(attn_name, self.attention_types)
-            q, k, v, o = (self.expect(f"{attn_name}.{p}", (nn.Linear,)) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            q, k, v, o = (self.expect(f"{attn_name}.{proj}", (nn.Linear,))
+                          for proj in ("q_proj", "k_proj", "v_proj", "o_proj"))
             head_dim = attn.head_dim
             n_heads = self.heads(q.out_features, head_dim, f"{attn_name}.q_proj")
             n_kv_heads = self.heads(k.out_features, head_dim, f"{attn_name}.k_proj")
