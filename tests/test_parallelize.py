@@ -260,6 +260,12 @@ def test_kv_heads_that_cannot_be_replicated_evenly_raise():
         parallelize(model, _fake_group(0, 3))
 
 
+def test_training_mode_with_dropout_raises():
+    model = _model("gpt2").train()  # GPT-2 drops out with p=0.1 by default
+    with pytest.raises(ValueError, match=r"training mode and module 'transformer.drop' has dropout 0.1; call model.eval"):
+        parallelize(model, TPGroup.single())
+
+
 def test_bad_arguments_raise():
     with pytest.raises(TypeError, match="tp must be a tp_kernels.TPGroup, got int"):
         parallelize(_model("gpt2"), 2)

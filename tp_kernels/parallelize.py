@@ -325,8 +325,21 @@ class _Planner(abc.ABC):
         self.add(name, conv, "QKVParallelLinear", f"q, k, v of {n_heads} heads -> {n_heads_per_rank} per rank",
                  build, load)
 
+    def check_no_active_dropout(self) -> None:
+        """Dropout draws its mask from each rank's own generator, so in training mode the activations that
+        every rank must hold identically would differ from rank to rank: refuse rather than diverge."""
+        if not self.model.training:
+            return
+        for name, module in self.model.named_modules():
+            p = module.p if isinstance(module, nn.Dropout) else getattr(module, "attention_dropout", 0.0)
+            if isinstance(p, float) and p > 0:
+                raise ValueError(f"parallelize: {self.arch} is in training mode and module {name!r} has dropout "
+                                 f"{p}; call model.eval() first (dropout masks differ per rank, so the ranks' "
+                                 "replicated activations would diverge)")
+
     # -- the final check -------------------------------------------------------------------------------
     def plan(self) -> ParallelPlan:
+        self.check_no_active_dropout()
         self.walk()
         swapped = {s.name for s in self.swaps}
         replicated = []
