@@ -49,17 +49,19 @@ def test_every_script_is_listed():
 
 
 @pytest.fixture(scope="module")
-def running_scripts():
-    """Start every runnable script at once; yields {script: Popen}."""
+def running_scripts(tmp_path_factory):
+    """Start every runnable script at once, from an empty directory as a user's would be; yields
+    {script: Popen}."""
     env = dict(os.environ)
     # the scripts import the tp_kernels this session tests (a source tree or an installed package)
     package_root = str(Path(tp_kernels.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    workdir = tmp_path_factory.mktemp("examples")
     procs = {}
     for script in SCRIPTS:
         if script in NEEDS and _missing(NEEDS[script][0]):
             continue
-        procs[script] = subprocess.Popen([sys.executable, str(PYTHON_DIR / script)], cwd=PYTHON_DIR.parent,
+        procs[script] = subprocess.Popen([sys.executable, str(PYTHON_DIR / script)], cwd=workdir,
                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     yield procs
     for proc in procs.values():

@@ -42,7 +42,9 @@ def main():
         command = [sys.executable, "-m", "tp_kernels.generate", "--model", model, "--tp", str(args.tp),
                    "--prompt", args.prompt, "--max-new-tokens", str(args.max_new_tokens), "--seed", "0"]
         print("$", " ".join(command), flush=True)
-        completed = subprocess.run(command)
+        # run from the temporary directory: `python -m` puts the working directory first on sys.path, and a
+        # source checkout there would shadow the installed package
+        completed = subprocess.run(command, cwd=tmp)
     if completed.returncode:
         raise SystemExit(f"tp_kernels.generate exited with status {completed.returncode}")
 
