@@ -1,6 +1,7 @@
-// Host interface of the CUDA IPC custom all-reduce (kernels in custom_all_reduce.cu, Python bindings in
-// custom_all_reduce_bind.cpp). Decisions (algorithm, grid, per-rank split, fall-back to NCCL) are made by
-// tp_kernels/comm/ipc_plan.py and passed in; this side checks them and launches.
+// Host interface of the CUDA IPC custom all-reduce (implemented in custom_all_reduce.cpp; kernels in
+// custom_all_reduce.cu; Python bindings in custom_all_reduce_bind.cpp). Decisions (algorithm, grid,
+// per-rank split, fall-back to NCCL) are made by tp_kernels/comm/ipc_plan.py and passed in; this side
+// checks them and launches.
 //
 // Each rank cudaMallocs one buffer, laid out as
 //   [ Flags (barrier flags written by peers + this rank's barrier counters) | staging (max_bytes)
@@ -10,6 +11,8 @@
 
 #include <ATen/ATen.h>
 
+#include "cuda/custom_all_reduce_kernels.h"
+
 #include <cstdint>
 #include <map>
 #include <string>
@@ -17,17 +20,6 @@
 
 namespace tp_kernels {
 namespace ipc {
-
-// Mirrors of tp_kernels/comm/ipc_plan.py (checked equal by tests/test_cuda_ipc_host.py).
-constexpr int kMaxWorldSize = 8;
-constexpr int kMaxBlocks = 64;
-constexpr int kThreadsPerBlock = 512;
-constexpr int kPackBytes = 16;
-constexpr int kIpcHandleBytes = 64;
-constexpr int kBufferRecordBytes = kIpcHandleBytes + 8;  // handle, then int64 offset of the address in it
-// Device-side slots of peer-pointer tables: slot 0 is the staging buffers; the others hold registered
-// inputs (one per distinct address captured in CUDA graphs). 4096 slots x 64 B = 256 KB of device memory.
-constexpr int kMaxRankDataSlots = 4096;
 
 std::map<std::string, int64_t> limits();
 
@@ -66,10 +58,8 @@ class CustomAllReduce {
   void close();
 
  private:
-  struct Launch;
   int slot_for_input(const at::Tensor& input, bool registered);
   char* open_handle(const char* handle_bytes);
-  void launch(const Launch& launch, at::ScalarType dtype, bool fused);
 
   int rank_, world_size_, device_;
   int64_t max_bytes_;
