@@ -53,7 +53,7 @@ def _peer_access_row(my_device: Optional[int], peer_pci_ids: Sequence[Optional[s
         if peer_device is None:
             row.append(False)
         elif peer_device == my_device:
-            row.append(True)  # the same GPU: IPC needs no peer access
+            row.append(True)  # itself (two ranks on one GPU are refused by ipc_plan.group_fallback_reason)
         else:
             row.append(bool(torch.cuda.can_device_access_peer(my_device, peer_device)))
     return row
@@ -124,7 +124,7 @@ class CudaIpcCommunicator(Communicator):
             tp, (socket.gethostname(), local_reason, _pci_id(my_device) if my_device is not None else None))
         peer_access = _gather_objects(tp, _peer_access_row(my_device, [f[2] for f in facts]))
         reason = ipc_plan.group_fallback_reason(tp.world_size, [f[1] for f in facts], [f[0] for f in facts],
-                                                peer_access)
+                                                [f[2] for f in facts], peer_access)
         return reason, (device if reason is None else None)
 
     # -- the chain's interface ---------------------------------------------------------------------------

@@ -214,12 +214,13 @@ def local_fallback_reason(cuda_available: bool, built_with_cuda: bool) -> Option
 
 
 def group_fallback_reason(world_size: int, local_reasons: Sequence[Optional[str]], hostnames: Sequence[str],
-                          peer_access: Sequence[Sequence[bool]]) -> Optional[str]:
+                          gpu_ids: Sequence[Optional[str]], peer_access: Sequence[Sequence[bool]]) -> Optional[str]:
     """Why a group cannot use the IPC all-reduce (None: it can). Every rank evaluates it on the same
     gathered facts, so all ranks agree.
 
-    local_reasons[r] is rank r's local_fallback_reason; hostnames[r] its host; peer_access[r][q] whether
-    rank r's GPU can access rank q's (cudaDeviceCanAccessPeer; True on the diagonal)."""
+    local_reasons[r] is rank r's local_fallback_reason; hostnames[r] its host; gpu_ids[r] its GPU's PCI
+    address; peer_access[r][q] whether rank r's GPU can access rank q's (cudaDeviceCanAccessPeer; True on
+    the diagonal)."""
     if world_size < 2:
         return "world size 1 needs no all-reduce"
     if world_size > MAX_WORLD_SIZE:
@@ -229,6 +230,11 @@ def group_fallback_reason(world_size: int, local_reasons: Sequence[Optional[str]
             return f"rank {r}: {reason}"
     if len(set(hostnames)) > 1:
         return f"ranks are on different hosts {sorted(set(hostnames))}; CUDA IPC works within one host"
+    first_rank_of = {}
+    for r, gpu in enumerate(gpu_ids):
+        if gpu in first_rank_of:  # e.g. CPU test ranks on a GPU node, all on cuda:0: nothing to reduce across
+            return f"ranks {first_rank_of[gpu]} and {r} share the GPU {gpu}; each rank needs its own GPU"
+        first_rank_of[gpu] = r
     for r, row in enumerate(peer_access):
         for q, ok in enumerate(row):
             if not ok:
