@@ -162,6 +162,18 @@ def test_compiled_limits_match_the_plan():
         "max_registered_buffers": 4095}
 
 
+@pytest.mark.parametrize("args, match", [
+    ((0, 9, 2**20, 0), r"world_size must be in \[1, 8\], got 9"),
+    ((2, 2, 2**20, 0), r"rank must be in \[0, 2\), got 2"),
+    ((0, 2, 1000, 0), "max_bytes must be a positive multiple of 16, got 1000"),
+])
+def test_compiled_launcher_checks_its_arguments_before_touching_the_gpu(args, match):
+    if not _extension.built_with_cuda():
+        pytest.skip("tp_kernels._C was built without CUDA: there is no launcher")
+    with pytest.raises(RuntimeError, match=match):
+        _extension._C.CustomAllReduce(*args)
+
+
 CPU = torch.device("cpu")
 
 
