@@ -1,6 +1,6 @@
 // CUDA IPC custom all-reduce kernels: one-shot and two-shot, with flag barriers between the ranks'
 // blocks, fp32/fp16/bf16 with fp32 accumulation, and the residual + RMSNorm epilogue fused in. The host
-// side (buffers, IPC handles, CUDA-graph registration) is custom_all_reduce.cpp; the decisions (algorithm,
+// side (buffers, IPC handles, CUDA-graph registration) is custom_all_reduce_host.cpp; the decisions (algorithm,
 // grid, split) come from tp_kernels/comm/ipc_plan.py.
 //
 // Every rank launches the same grid (the plan depends only on the message and the world size), and block

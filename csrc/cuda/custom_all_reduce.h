@@ -1,4 +1,4 @@
-// Host interface of the CUDA IPC custom all-reduce (implemented in custom_all_reduce.cpp; kernels in
+// Host interface of the CUDA IPC custom all-reduce (implemented in custom_all_reduce_host.cpp; kernels in
 // custom_all_reduce.cu; Python bindings in custom_all_reduce_bind.cpp). Decisions (algorithm, grid,
 // per-rank split, fall-back to NCCL) are made by tp_kernels/comm/ipc_plan.py and passed in; this side
 // checks them and launches.

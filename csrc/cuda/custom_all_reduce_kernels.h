@@ -1,4 +1,4 @@
-// The interface between the host code of the CUDA IPC all-reduce (custom_all_reduce.cpp) and its kernels
+// The interface between the host code of the CUDA IPC all-reduce (custom_all_reduce_host.cpp) and its kernels
 // (custom_all_reduce.cu): plain structs and one launcher, so the .cu includes no ATen header (nvcc parses
 // a .cu once per target architecture; ATen would triple the compile time of this small file).
 #pragma once
