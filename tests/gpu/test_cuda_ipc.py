@@ -67,6 +67,10 @@ SIZES = [1, 7, 37, 4096, 4096 + 3, 65_536 + 1, 2**20 + 5]
 
 def _all_reduce_cases(tp):
     comm, nccl = _setup(tp)
+    # the chain's predicate: what the buffer holds goes to IPC, anything larger to NCCL
+    fits = torch.empty(ipc_plan.DEFAULT_BUFFER_BYTES // 4, device="cuda")
+    assert comm.applies(fits) and not comm.applies(torch.empty(fits.numel() + 1, device="cuda"))
+    assert not comm.applies(fits.double()[:16]) and not comm.applies(fits.cpu())
     n_cases, case = 0, 0
     for dtype in DTYPES:
         max_numel = ipc_plan.DEFAULT_BUFFER_BYTES // torch.empty((), dtype=dtype).element_size()
