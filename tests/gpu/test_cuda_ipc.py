@@ -6,11 +6,13 @@ Run on a node with >= 2 GPUs:  .venv/bin/python -m pytest tests/gpu/test_cuda_ip
 Each test spawns CPU (gloo) ranks with conftest.spawn_ranks; rank r uses cuda:r and an NCCL group for
 the comparison.
 """
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import assert_close, poison_like, spawn_ranks
+from conftest import assert_close, spawn_ranks
 from tp_kernels import _extension, reference
 from tp_kernels.comm import ipc_plan
 from tp_kernels.comm.cuda_ipc import CudaIpcCommunicator
@@ -33,6 +35,22 @@ def _needs_gpus_and_build():
         pytest.skip("needs >= 2 CUDA GPUs on one node")
     if not _extension.built_with_cuda():
         pytest.skip("tp_kernels._C was built without CUDA")
+
+
+def nan_filled_empty(fn):
+    """Run a rank function in deterministic mode, where torch.empty fills new tensors with NaN, so an
+    output element a kernel does not write shows; restored afterwards (the rank processes are pooled)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return fn(*args)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+
+    return wrapper
 
 
 def _setup(tp):
@@ -65,6 +83,7 @@ def _gather(t, nccl):
 SIZES = [1, 7, 37, 4096, 4096 + 3, 65_536 + 1, 2**20 + 5]
 
 
+@nan_filled_empty
 def _all_reduce_cases(tp):
     comm, nccl = _setup(tp)
     # the chain's predicate: what the buffer holds goes to IPC, anything larger to NCCL
@@ -79,11 +98,7 @@ def _all_reduce_cases(tp):
                 case += 1
                 msg = f"{numel} x {dtype} algo={algo} rank {tp.rank}"
                 x = _inputs(tp.rank, case, numel, dtype).cuda()
-                # NaN-filled then freed: the caching allocator hands this block to the output, so an element
-                # the kernel does not write stays NaN
-                del_after = poison_like(x)
-                del del_after
-                y = comm.all_reduce(x, algo)
+                y = comm.all_reduce(x, algo)  # its output is NaN until written (nan_filled_empty)
                 y_nccl = x.float()
                 dist.all_reduce(y_nccl, group=nccl)
                 expected = reference.all_reduce([xi.double() for xi in _gather(x, nccl)])
@@ -109,6 +124,7 @@ def test_all_reduce_matches_nccl_and_reference(world_size):
 FUSED_SHAPES = [(1, 4096), (5, 1024), (16, 4096), (129, 2048)]
 
 
+@nan_filled_empty
 def _fused_cases(tp):
     comm, nccl = _setup(tp)
     n_cases, case = 0, 0
@@ -120,8 +136,6 @@ def _fused_cases(tp):
                 x = _inputs(tp.rank, case, n_rows * hidden, dtype).view(n_rows, hidden).cuda()
                 residual = _inputs(99, case, n_rows * hidden, dtype).view(n_rows, hidden).cuda()
                 weight = _inputs(98, case, hidden, dtype).cuda()
-                poisoned = [poison_like(x), poison_like(x)]  # freed: reused for the outputs (see above)
-                del poisoned
                 normed, new_residual = comm.allreduce_residual_rmsnorm(x, residual, weight, 1e-6, algo)
                 normed_ref, residual_ref = reference.allreduce_residual_rmsnorm(
                     [xi.double() for xi in _gather(x, nccl)], residual.double(), weight.double(), 1e-6)
@@ -143,6 +157,7 @@ def test_fused_epilogue_matches_reference(world_size):
 # ----------------------------------------------------------------------------------------------------------
 # CUDA graphs
 # ----------------------------------------------------------------------------------------------------------
+@nan_filled_empty
 def _graph_cases(tp):
     comm, _ = _setup(tp)
     hidden = 2048
@@ -203,6 +218,7 @@ def test_graph_capture_and_replay():
 # ----------------------------------------------------------------------------------------------------------
 # many back-to-back calls, and a rank that never arrives
 # ----------------------------------------------------------------------------------------------------------
+@nan_filled_empty
 def _back_to_back(tp, n_calls):
     comm, _ = _setup(tp)
     g = torch.Generator().manual_seed(7)  # the same size sequence on every rank
