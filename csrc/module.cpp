@@ -12,7 +12,14 @@ bool built_with_cuda() {
 }
 }  // namespace tp_kernels
 
+#ifdef TP_KERNELS_WITH_CUDA
+void bind_cuda_ipc(pybind11::module& m);  // csrc/cuda/custom_all_reduce_bind.cpp
+#endif
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "tp_kernels C++/CUDA extension";
   m.def("built_with_cuda", &tp_kernels::built_with_cuda, "whether the CUDA sources were compiled in");
+#ifdef TP_KERNELS_WITH_CUDA
+  bind_cuda_ipc(m);
+#endif
 }

@@ -1,0 +1,294 @@
+// CUDA IPC custom all-reduce kernels: one-shot and two-shot, with flag barriers between the ranks'
+// blocks, fp32/fp16/bf16 with fp32 accumulation, and the residual + RMSNorm epilogue fused in. The host
+// side (buffers, IPC handles, CUDA-graph registration) is custom_all_reduce_host.cpp; the decisions (algorithm,
+// grid, split) come from tp_kernels/comm/ipc_plan.py.
+//
+// Every rank launches the same grid (the plan depends only on the message and the world size), and block
+// b of one rank only ever synchronizes with block b of the others: the element -> block mapping is the
+// same in every phase, so a block reads only what the same-index blocks of its peers wrote.
+#include "cuda/custom_all_reduce_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace tp_kernels {
+namespace ipc {
+namespace {
+
+// -- memory-model primitives ------------------------------------------------------------------------------
+__device__ __forceinline__ void store_release_sys(uint32_t* addr, uint32_t value) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(addr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ uint32_t load_acquire_sys(const uint32_t* addr) {
+  uint32_t value;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(value) : "l"(addr) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// A cross-rank barrier of block blockIdx.x with the blocks of the same index on every rank.
+__device__ __forceinline__ void barrier(const Params& p, uint32_t value) {
+  __syncthreads();  // this block's reads and writes before the barrier are done: they are what it publishes
+  if (threadIdx.x < p.world_size) {
+    const int peer = threadIdx.x;
+    // [S] signal: tell `peer` that this block reached barrier `value`. The release (after the
+    // __syncthreads above) orders the whole block's earlier writes before the flag. Matches [W] on `peer`.
+    store_release_sys(&p.flags[peer]->flag[blockIdx.x][p.rank], value);
+    // [W] wait for `peer`'s [S] of this barrier; the acquire makes its earlier writes visible here. A peer
+    // can be at most one barrier ahead (it cannot pass the next one without this block), so compare with
+    // >= modulo 2^32 rather than ==.
+    const uint32_t* slot = &p.flags[p.rank]->flag[blockIdx.x][peer];
+    if (static_cast<int32_t>(load_acquire_sys(slot) - value) < 0) {
+      const uint64_t start = global_timer_ns();
+      while (static_cast<int32_t>(load_acquire_sys(slot) - value) < 0) {
+        if (global_timer_ns() - start > p.timeout_ns) {
+          // A hang would freeze the whole job; record which rank never arrived and abort the kernel.
+          *reinterpret_cast<volatile int*>(p.error_word) = peer + 1;
+          __threadfence_system();
+          __trap();
+        }
+      }
+    }
+  }
+  __syncthreads();  // extends the acquire above to every thread of the block
+}
+
+// -- packs: 16 bytes, 4 fp32 or 8 fp16/bf16 -------------------------------------------------------------
+template <typename scalar_t>
+union Pack {
+  static constexpr int kElems = kPackBytes / sizeof(scalar_t);
+  uint4 raw;
+  scalar_t elem[kElems];
+};
+
+// Explicit conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__); float -> half/bfloat16 rounds to
+// nearest even, as c10::Half and c10::BFloat16 (the CPU path) do.
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t> load_pack(const void* base, int64_t pack) {
+  Pack<scalar_t> v;
+  v.raw = reinterpret_cast<const uint4*>(base)[pack];
+  return v;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store_pack(void* base, int64_t pack, const Pack<scalar_t>& v) {
+  reinterpret_cast<uint4*>(base)[pack] = v.raw;
+}
+
+// Sum of pack `pack` over the ranks, in rank order and fp32, so every rank computes the same bits.
+template <typename scalar_t>
+__device__ __forceinline__ void reduce_pack(const RankData& in, int world_size, int64_t pack,
+                                            float (&acc)[Pack<scalar_t>::kElems]) {
+  constexpr int kElems = Pack<scalar_t>::kElems;
+  Pack<scalar_t> v[kMaxWorldSize];
+#pragma unroll
+  for (int r = 0; r < kMaxWorldSize; ++r) {  // all loads first: world_size of them in flight
+    if (r < world_size) v[r] = load_pack<scalar_t>(in.ptr[r], pack);
+  }
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) acc[k] = 0.f;
+#pragma unroll
+  for (int r = 0; r < kMaxWorldSize; ++r) {
+    if (r < world_size) {
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) acc[k] += to_float(v[r].elem[k]);
+    }
+  }
+}
+
+// The n_tail (< one pack) elements after the packs, reduced by every rank from every peer's input.
+template <typename scalar_t>
+__device__ __forceinline__ void reduce_tail(const Params& p, const RankData& in) {
+  if (blockIdx.x != 0 || threadIdx.x >= p.n_tail) return;
+  const int64_t e = p.n_packs * Pack<scalar_t>::kElems + threadIdx.x;
+  float acc = 0.f;
+  // unrolled to the compile-time maximum: a runtime-indexed in.ptr[r] would put `in` on the stack
+#pragma unroll
+  for (int r = 0; r < kMaxWorldSize; ++r) {
+    if (r < p.world_size) acc += to_float(reinterpret_cast<const scalar_t*>(in.ptr[r])[e]);
+  }
+  reinterpret_cast<scalar_t*>(p.out)[e] = from_float<scalar_t>(acc);
+}
+
+__device__ __forceinline__ float block_sum(float value) {
+  __shared__ float warp_sums[kThreadsPerBlock / 32];
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_sums[warp] = value;
+  __syncthreads();  // matches the reads of warp_sums below
+  value = threadIdx.x < kThreadsPerBlock / 32 ? warp_sums[threadIdx.x] : 0.f;
+  if (warp == 0) {
+    for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+    if (lane == 0) warp_sums[0] = value;
+  }
+  __syncthreads();  // matches the write of warp_sums[0] above
+  const float total = warp_sums[0];
+  __syncthreads();  // every thread has read warp_sums[0] before the next row's sum overwrites it
+  return total;
+}
+
+// Plain all-reduce after barrier 1. Returns the number of barriers used in total.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t plain_body(const Params& p, const RankData& in, uint32_t base) {
+  constexpr int kElems = Pack<scalar_t>::kElems;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  float acc[kElems];
+  Pack<scalar_t> sum;
+  if (!p.two_shot) {
+    for (int64_t i = tid; i < p.n_packs; i += stride) {
+      reduce_pack<scalar_t>(in, p.world_size, i, acc);
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) sum.elem[k] = from_float<scalar_t>(acc[k]);
+      store_pack(p.out, i, sum);
+    }
+    reduce_tail<scalar_t>(p, in);
+    barrier(p, base + 2);  // [B2] every rank is done reading this rank's input: the next call may overwrite it
+    return 2;
+  }
+  // reduce-scatter: this rank reduces its chunk into its own results region
+  const int64_t lo = min(p.rank * p.chunk, p.n_packs), hi = min(lo + p.chunk, p.n_packs);
+  for (int64_t i = lo + tid; i < hi; i += stride) {
+    reduce_pack<scalar_t>(in, p.world_size, i, acc);
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) sum.elem[k] = from_float<scalar_t>(acc[k]);
+    store_pack(p.results[p.rank], i, sum);
+  }
+  reduce_tail<scalar_t>(p, in);
+  barrier(p, base + 2);  // [B2] every rank's chunk is in its results region
+  // all-gather: copy every owner's chunk; the same (i - owner's lo) -> block mapping as above
+  for (int q = 0; q < p.world_size; ++q) {
+    const int64_t q_lo = min(q * p.chunk, p.n_packs), q_hi = min(q_lo + p.chunk, p.n_packs);
+    for (int64_t i = q_lo + tid; i < q_hi; i += stride) {
+      store_pack(p.out, i, load_pack<scalar_t>(p.results[q], i));
+    }
+  }
+  barrier(p, base + 3);  // [B3] every rank is done reading this rank's input and results region
+  return 3;
+}
+
+// Rows [row_lo, row_hi) of new_residual = all_reduce(x) + residual and normed = rmsnorm(new_residual),
+// one block per row, written to new_residual_out / normed_out (indexed by global row).
+template <typename scalar_t>
+__device__ __forceinline__ void fused_rows(const Params& p, const RankData& in, int64_t row_lo, int64_t row_hi,
+                                           void* new_residual_out, void* normed_out) {
+  constexpr int kElems = Pack<scalar_t>::kElems;
+  const float inv_hidden = 1.f / to_float(p.packs_per_row * kElems);
+  float acc[kElems];
+  for (int64_t row = row_lo + blockIdx.x; row < row_hi; row += gridDim.x) {  // block-uniform trip count
+    float sum_sq = 0.f;
+    for (int64_t c = threadIdx.x; c < p.packs_per_row; c += blockDim.x) {
+      const int64_t i = row * p.packs_per_row + c;
+      reduce_pack<scalar_t>(in, p.world_size, i, acc);
+      const Pack<scalar_t> res = load_pack<scalar_t>(p.residual, i);
+      Pack<scalar_t> s;
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) {
+        // the reduced value is rounded to the dtype first, as an all_reduce followed by add_rmsnorm does
+        const scalar_t reduced = from_float<scalar_t>(acc[k]);
+        s.elem[k] = from_float<scalar_t>(to_float(reduced) + to_float(res.elem[k]));
+        const float sf = to_float(s.elem[k]);
+        sum_sq += sf * sf;
+      }
+      store_pack(new_residual_out, i, s);
+    }
+    const float inv_rms = rsqrtf(block_sum(sum_sq) * inv_hidden + p.eps);
+    for (int64_t c = threadIdx.x; c < p.packs_per_row; c += blockDim.x) {
+      const int64_t i = row * p.packs_per_row + c;
+      const Pack<scalar_t> s = load_pack<scalar_t>(new_residual_out, i);  // this thread's own store above
+      const Pack<scalar_t> w = load_pack<scalar_t>(p.weight, c);
+      Pack<scalar_t> n;
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) {
+        n.elem[k] = from_float<scalar_t>(to_float(s.elem[k]) * inv_rms * to_float(w.elem[k]));
+      }
+      store_pack(normed_out, i, n);
+    }
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t fused_body(const Params& p, const RankData& in, uint32_t base) {
+  if (!p.two_shot) {
+    fused_rows<scalar_t>(p, in, 0, p.n_rows, p.out, p.normed);
+    barrier(p, base + 2);  // [B2] every rank is done reading this rank's input
+    return 2;
+  }
+  // reduce-scatter: this rank's rows, normed, into its results region (new_residual, then normed)
+  const int64_t lo = min(p.rank * p.chunk, p.n_rows), hi = min(lo + p.chunk, p.n_rows);
+  char* mine = p.results[p.rank];
+  fused_rows<scalar_t>(p, in, lo, hi, mine, mine + p.normed_offset_bytes);
+  barrier(p, base + 2);  // [B2] every rank's rows are in its results region
+  // all-gather, rows block-strided as in fused_rows
+  for (int q = 0; q < p.world_size; ++q) {
+    const int64_t q_lo = min(q * p.chunk, p.n_rows), q_hi = min(q_lo + p.chunk, p.n_rows);
+    const char* theirs = p.results[q];
+    for (int64_t row = q_lo + blockIdx.x; row < q_hi; row += gridDim.x) {
+      for (int64_t c = threadIdx.x; c < p.packs_per_row; c += blockDim.x) {
+        const int64_t i = row * p.packs_per_row + c;
+        store_pack(p.out, i, load_pack<scalar_t>(theirs, i));
+        store_pack(p.normed, i, load_pack<scalar_t>(theirs + p.normed_offset_bytes, i));
+      }
+    }
+  }
+  barrier(p, base + 3);  // [B3] every rank is done reading this rank's input and results region
+  return 3;
+}
+
+template <typename scalar_t, bool kFused>
+__global__ void __launch_bounds__(kThreadsPerBlock) all_reduce_kernel(const Params p) {
+  __shared__ uint32_t base_value;
+  if (threadIdx.x == 0) base_value = p.flags[p.rank]->counter[blockIdx.x];
+  __syncthreads();  // publishes base_value
+  const uint32_t base = base_value;
+  // [B1] every rank's input is in place: staged copies and registered inputs were written by work
+  // ordered before this kernel on each rank's stream.
+  barrier(p, base + 1);
+  const RankData in = *p.inputs;
+  const uint32_t n_barriers = kFused ? fused_body<scalar_t>(p, in, base) : plain_body<scalar_t>(p, in, base);
+  if (threadIdx.x == 0) p.flags[p.rank]->counter[blockIdx.x] = base + n_barriers;
+}
+
+}  // namespace
+
+cudaError_t launch_all_reduce(const Params& params, DType dtype, bool fused, int n_blocks, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(n_blocks)), block(kThreadsPerBlock);
+  switch (dtype) {
+    case DType::kFloat32:
+      if (fused) all_reduce_kernel<float, true><<<grid, block, 0, stream>>>(params);
+      else all_reduce_kernel<float, false><<<grid, block, 0, stream>>>(params);
+      break;
+    case DType::kFloat16:
+      if (fused) all_reduce_kernel<__half, true><<<grid, block, 0, stream>>>(params);
+      else all_reduce_kernel<__half, false><<<grid, block, 0, stream>>>(params);
+      break;
+    case DType::kBFloat16:
+      if (fused) all_reduce_kernel<__nv_bfloat16, true><<<grid, block, 0, stream>>>(params);
+      else all_reduce_kernel<__nv_bfloat16, false><<<grid, block, 0, stream>>>(params);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace ipc
+}  // namespace tp_kernels
