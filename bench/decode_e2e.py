@@ -20,11 +20,12 @@ and, where a backend fuses the residual add + RMSNorm into the reduction (shm), 
 
 Rows (rank 0's times; ranks are in lock step through the collectives):
   "tp{N} {backend}"       per-token latency: median and p20/p80 over the decode steps; notes: tokens/s
-                          (batch / mean step time); gbps: this rank's weight bytes per step / median step
+                          (batch / median step time); gbps: this rank's weight bytes per step / median step
   "tp{N} {backend} comm"  communication time per step (median, p20/p80); ratio = its share of the step
                           (sum of comm times / sum of step times), baseline = the step row
 The step rows at TP=2 with backend shm have baseline "tp2 torch" and ratio = torch median / shm median.
-Writes bench/results/decode_e2e.{csv,json}, decode_e2e.png (tokens/s) and decode_e2e_comm.png.
+Writes bench/results/decode_e2e.{csv,json}, decode_e2e.png (tokens/s), decode_e2e_comm.png and
+decode_e2e.md (the README table).
 """
 from __future__ import annotations
 
@@ -39,8 +40,7 @@ from typing import Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (RESULTS_DIR, Row, markdown_table, plot_lines, timing_from_samples,  # noqa: E402
-                          write_rows)
+from bench.common import RESULTS_DIR, Row, plot_lines, timing_from_samples, write_rows  # noqa: E402
 
 BENCH = "decode_e2e"
 BACKENDS = ("shm", "torch")
@@ -198,7 +198,7 @@ def rows_for(world_size: int, out: dict, args: argparse.Namespace, backends: Lis
             continue
         step = timing_from_samples(result.step_s)
         comm = timing_from_samples(result.comm_s)
-        tokens_per_s = args.batch * len(result.step_s) / sum(result.step_s)
+        tokens_per_s = args.batch / step.median_s  # the median: robust to the load of other jobs
         comm_share = sum(result.comm_s) / sum(result.step_s)
         row = Row.from_timing(BENCH, case, step, gbps=out["weight_bytes_per_rank"] / step.median_s / 1e9,
                               notes=f"tokens/s {tokens_per_s:.1f}; communication {100 * comm_share:.1f}% of the step; "
@@ -215,6 +215,26 @@ def rows_for(world_size: int, out: dict, args: argparse.Namespace, backends: Lis
 
 def tokens_per_s_of(row: Row) -> float:
     return float(row.notes.split("tokens/s ")[1].split(";")[0])
+
+
+def tokens_table(rows: List[Row]) -> str:
+    """Markdown for the README: per TP degree and backend, tokens/s, per-token latency, communication."""
+    comm_rows = {r.baseline: r for r in rows if r.case.endswith(" comm")}
+    lines = ["| TP | all-reduce | tokens/s | per-token latency, ms: median (p20-p80) | communication per step, ms "
+             "| communication share | speedup vs torch |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row.case.endswith(" comm"):
+            continue
+        backend = row.config.split(",")[0].split("=")[1]
+        if math.isnan(row.median_us):
+            lines.append(f"| {row.world_size} | {backend} | {row.notes} | | | | |")
+            continue
+        comm = comm_rows[row.case]
+        speedup = "" if row.ratio is None else f"{row.ratio:.2f}x"
+        lines.append(f"| {row.world_size} | {backend} | {tokens_per_s_of(row):.1f} | {row.median_us / 1e3:.1f} "
+                     f"({row.p20_us / 1e3:.1f}-{row.p80_us / 1e3:.1f}) | {comm.median_us / 1e3:.2f} | "
+                     f"{100 * comm.ratio:.0f}% | {speedup} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -270,7 +290,11 @@ def main() -> int:
         print("wrote " + plot_lines(os.path.join(RESULTS_DIR, f"{BENCH}_comm.png"),
                                     "GPT decode on CPU ranks (measured): communication per step", "TP degree",
                                     "us per step", {f"all-reduce: {k}": v for k, v in comm.items()}, logy=False))
-    print(markdown_table(rows, ["case", "median_us", "p20_us", "p80_us", "ratio", "notes"]))
+    table = tokens_table(rows)
+    with open(os.path.join(RESULTS_DIR, f"{BENCH}.md"), "w") as f:
+        f.write(f"Measured on CPU ranks ({rows[0].env['device']}), one thread per rank, {args.dtype}, "
+                f"{rows[0].shape}; rank 0's wall clock.\n\n{table}\n")
+    print(table)
     return 0
 
 

@@ -189,3 +189,24 @@ def test_decode_e2e_help_runs():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--backends" in out.stdout and "--world-sizes" in out.stdout
+
+
+def test_decode_e2e_rows_report_missing_backend_and_comm_share():
+    args = decode_e2e.argparse.Namespace(batch=2, prompt_len=4, steps=3, rounds=1, dtype="fp32")
+    out = {"results": {"shm": decode_e2e.BackendResult(missing="backend 'shm' is not in this group's chain"),
+                       "torch": decode_e2e.BackendResult(step_s=[0.010, 0.020, 0.030], comm_s=[0.002, 0.004, 0.006])},
+           "weight_bytes_per_rank": 10 ** 6, "threads": 1}
+    rows = decode_e2e.rows_for(2, out, args, ["shm", "torch"])
+    assert [r.case for r in rows] == ["tp2 shm", "tp2 torch", "tp2 torch comm"]
+    missing, step, comm = rows
+    assert math.isnan(missing.median_us) and "missing: backend 'shm'" in missing.notes
+    assert step.median_us == pytest.approx(20_000) and step.gbps == pytest.approx(10 ** 6 / 0.020 / 1e9)
+    assert decode_e2e.tokens_per_s_of(step) == pytest.approx(2 / 0.020, rel=1e-3)  # batch / median step
+    assert comm.median_us == pytest.approx(4_000) and comm.ratio == pytest.approx(0.2)
+    table = decode_e2e.tokens_table(rows)
+    assert "| 2 | shm | missing: backend 'shm'" in table and "| 2 | torch | 100.0 | 20.0 (" in table
+    both = {"results": {"shm": decode_e2e.BackendResult(step_s=[0.010], comm_s=[0.001]),
+                        "torch": decode_e2e.BackendResult(step_s=[0.020], comm_s=[0.011])},
+            "weight_bytes_per_rank": 10 ** 6, "threads": 1}
+    shm_row = decode_e2e.rows_for(2, both, args, ["shm", "torch"])[0]
+    assert shm_row.baseline == "tp2 torch" and shm_row.ratio == pytest.approx(2.0)
