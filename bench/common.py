@@ -51,6 +51,14 @@ def measure(fn: Callable[[], object], warmup: int = 5, repeats: int = 50, min_ti
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
 
 
+def timing_from_samples(seconds: Sequence[float]) -> Timing:
+    """Median and p20/p80 of per-call times taken elsewhere (e.g. one per decode step)."""
+    if not seconds:
+        raise ValueError("timing_from_samples needs at least one sample")
+    ordered = sorted(seconds)
+    return Timing(statistics.median(ordered), _quantile(ordered, 0.2), _quantile(ordered, 0.8), len(ordered))
+
+
 def measure_cuda(fn: Callable[[], object]) -> Timing:
     """GPU time of fn() with triton.testing.do_bench (CUDA events, L2 flushed): median, p20, p80."""
     import triton.testing
@@ -130,9 +138,35 @@ def write_rows(name: str, rows: Sequence[Row], results_dir: str = RESULTS_DIR) -
     return csv_path
 
 
-def markdown_table(rows: Sequence[Row], columns: Sequence[str]) -> str:
-    """A Markdown table of the given flat-row columns (for the README)."""
-    flat = [r.flat() for r in rows]
+# Row fields that stay strings even when they look like numbers (a commit "1234e56", a shape "4096").
+_TEXT_FIELDS = {f.name for f in dataclasses.fields(Row) if f.type in ("str", "Optional[str]")} | {
+    "device", "torch", "triton", "commit"}
+
+
+def _parse_cell(name: str, text: str):
+    """A CSV cell back to int, float, None (empty) or the string itself."""
+    if text == "":
+        return None
+    if name in _TEXT_FIELDS:
+        return text
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_rows(csv_path: str) -> List[dict]:
+    """The flat rows of a CSV written by write_rows (or any CSV), numbers parsed back, empty cells None."""
+    with open(csv_path, newline="") as f:
+        return [{k: _parse_cell(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def markdown_table(rows: Sequence, columns: Sequence[str]) -> str:
+    """A Markdown table of the given flat-row columns (for the README); rows are Rows or flat dicts
+    (read_rows)."""
+    flat = [r if isinstance(r, dict) else r.flat() for r in rows]
 
     def fmt(v):
         if isinstance(v, float):
