@@ -1,12 +1,14 @@
 // CPU kernel of tp_kernels::add_rmsnorm: residual add and RMSNorm in one pass over each row.
 // Math in fp32 for every dtype; the new residual is rounded to the input dtype first and the norm is
 // taken of that rounded value, so the residual stream the next layer sees is the one that was normed.
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <ATen/ATen.h>
 
 #include <cmath>
+
+#include "add_rmsnorm_checks.h"
 
 namespace tp_kernels {
 namespace {
@@ -39,14 +41,7 @@ void add_rmsnorm_rows(const scalar_t* x, const scalar_t* residual, const scalar_
 
 std::tuple<at::Tensor, at::Tensor> add_rmsnorm_cpu(const at::Tensor& x, const at::Tensor& residual,
                                                    const at::Tensor& weight, double eps) {
-  TORCH_CHECK_VALUE(x.sizes() == residual.sizes(), "add_rmsnorm: residual must have x's shape ", x.sizes(), ", got ",
-                    residual.sizes());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1),
-              "add_rmsnorm: weight must be (hidden,) = (", x.size(-1), ",), got ", weight.sizes());
-  TORCH_CHECK_VALUE(x.scalar_type() == residual.scalar_type() && x.scalar_type() == weight.scalar_type(),
-              "add_rmsnorm: x, residual and weight must share a dtype, got ", x.scalar_type(), ", ",
-              residual.scalar_type(), ", ", weight.scalar_type());
-  TORCH_CHECK_VALUE(eps > 0, "add_rmsnorm: eps must be > 0, got ", eps);
+  check_add_rmsnorm_args(x, residual, weight, eps);
   const at::Tensor xc = x.contiguous(), rc = residual.contiguous(), wc = weight.contiguous();
   at::Tensor normed = at::empty_like(xc);
   at::Tensor new_residual = at::empty_like(xc);

@@ -5,28 +5,16 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 #include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "add_rmsnorm_checks.h"
+#include "cuda/block_reduce.cuh"
 
 namespace tp_kernels {
 namespace {
 
 constexpr int kThreads = 256;  // 8 warps: enough loads in flight for one row of a decode-sized batch
-
-__device__ float block_sum(float value) {
-  __shared__ float warp_sums[kThreads / 32];
-  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_sums[warp] = value;
-  __syncthreads();  // matches the reads of warp_sums below
-  value = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0.f;
-  if (warp == 0) {
-    for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
-    if (lane == 0) warp_sums[0] = value;
-  }
-  __syncthreads();  // matches the write of warp_sums[0] above
-  return warp_sums[0];
-}
 
 template <typename scalar_t>
 __global__ void add_rmsnorm_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
@@ -43,7 +31,7 @@ __global__ void add_rmsnorm_kernel(const scalar_t* __restrict__ x, const scalar_
     const float sf = static_cast<float>(s);
     sum_sq += sf * sf;
   }
-  const float inv_rms = rsqrtf(block_sum(sum_sq) / static_cast<float>(hidden) + eps);
+  const float inv_rms = rsqrtf(block_sum<kThreads>(sum_sq) / static_cast<float>(hidden) + eps);
   scalar_t* out = normed + row * hidden;
   for (int64_t i = threadIdx.x; i < hidden; i += kThreads) {
     out[i] = static_cast<scalar_t>(static_cast<float>(nr[i]) * inv_rms * static_cast<float>(weight[i]));
@@ -52,16 +40,8 @@ __global__ void add_rmsnorm_kernel(const scalar_t* __restrict__ x, const scalar_
 
 std::tuple<at::Tensor, at::Tensor> add_rmsnorm_cuda(const at::Tensor& x, const at::Tensor& residual,
                                                     const at::Tensor& weight, double eps) {
-  TORCH_CHECK_VALUE(x.sizes() == residual.sizes(), "add_rmsnorm: residual must have x's shape ", x.sizes(), ", got ",
-                    residual.sizes());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1),
-              "add_rmsnorm: weight must be (hidden,) = (", x.size(-1), ",), got ", weight.sizes());
-  TORCH_CHECK_VALUE(x.scalar_type() == residual.scalar_type() && x.scalar_type() == weight.scalar_type(),
-              "add_rmsnorm: x, residual and weight must share a dtype");
-  TORCH_CHECK_VALUE(residual.device() == x.device() && weight.device() == x.device(),
-              "add_rmsnorm: x, residual and weight must be on one device");
+  check_add_rmsnorm_args(x, residual, weight, eps);
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK_VALUE(eps > 0, "add_rmsnorm: eps must be > 0, got ", eps);
   const at::Tensor xc = x.contiguous(), rc = residual.contiguous(), wc = weight.contiguous();
   at::Tensor normed = at::empty_like(xc);
   at::Tensor new_residual = at::empty_like(xc);

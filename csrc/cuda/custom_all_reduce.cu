@@ -6,6 +6,7 @@
 // Every rank launches the same grid (the plan depends only on the message and the world size), and block
 // b of one rank only ever synchronizes with block b of the others: the element -> block mapping is the
 // same in every phase, so a block reads only what the same-index blocks of its peers wrote.
+#include "cuda/block_reduce.cuh"
 #include "cuda/custom_all_reduce_kernels.h"
 
 #include <cuda_bf16.h>
@@ -128,23 +129,6 @@ __device__ __forceinline__ void reduce_tail(const Params& p, const RankData& in)
   reinterpret_cast<scalar_t*>(p.out)[e] = from_float<scalar_t>(acc);
 }
 
-__device__ __forceinline__ float block_sum(float value) {
-  __shared__ float warp_sums[kThreadsPerBlock / 32];
-  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_sums[warp] = value;
-  __syncthreads();  // matches the reads of warp_sums below
-  value = threadIdx.x < kThreadsPerBlock / 32 ? warp_sums[threadIdx.x] : 0.f;
-  if (warp == 0) {
-    for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
-    if (lane == 0) warp_sums[0] = value;
-  }
-  __syncthreads();  // matches the write of warp_sums[0] above
-  const float total = warp_sums[0];
-  __syncthreads();  // every thread has read warp_sums[0] before the next row's sum overwrites it
-  return total;
-}
-
 // Plain all-reduce after barrier 1. Returns the number of barriers used in total.
 template <typename scalar_t>
 __device__ __forceinline__ uint32_t plain_body(const Params& p, const RankData& in, uint32_t base) {
@@ -210,7 +194,7 @@ __device__ __forceinline__ void fused_rows(const Params& p, const RankData& in, 
       }
       store_pack(new_residual_out, i, s);
     }
-    const float inv_rms = rsqrtf(block_sum(sum_sq) * inv_hidden + p.eps);
+    const float inv_rms = rsqrtf(block_sum<kThreadsPerBlock>(sum_sq) * inv_hidden + p.eps);
     for (int64_t c = threadIdx.x; c < p.packs_per_row; c += blockDim.x) {
       const int64_t i = row * p.packs_per_row + c;
       const Pack<scalar_t> s = load_pack<scalar_t>(new_residual_out, i);  // this thread's own store above
