@@ -10,9 +10,11 @@ bool built_with_cuda() {
   return false;
 #endif
 }
+void bind_shm(pybind11::module& m);  // csrc/cpu/shm_bindings.cpp
 }  // namespace tp_kernels
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "tp_kernels C++/CUDA extension";
   m.def("built_with_cuda", &tp_kernels::built_with_cuda, "whether the CUDA sources were compiled in");
+  tp_kernels::bind_shm(m);
 }
