@@ -33,13 +33,18 @@ namespace shm {
 namespace {
 constexpr uint64_t kMagic = 0x314d48535f4b5054ull;  // "TPK_SHM1"
 constexpr uint32_t kVersion = 1;
-// Default one-shot limit. One-shot reads world_size slots per rank, two-shot about two; with 2 ranks on
-// this 2-core host one-shot wins up to the size measured by bench/all_reduce.py (see ShmCommunicator.py).
-constexpr int64_t kDefaultOneShotMaxBytes = 256 * 1024;
-// Spin with the CPU's pause hint this many times before yielding the core: ~2k pauses is ~30 us on
-// Zen 2, longer than a small all-reduce takes, so with a rank per core the wait never reaches the
-// scheduler, while 4 ranks on 2 cores yield to the rank that has work.
-constexpr uint32_t kSpinsBeforeYield = 2048;
+// Default one-shot limit; tp_kernels/comm/shm.py sets the same value (DEFAULT_ONE_SHOT_MAX_BYTES) with the
+// measurement behind it.
+constexpr int64_t kDefaultOneShotMaxBytes = 16 * 1024;
+// Waiting: spin with the CPU's pause hint for up to kSpinUs, then yield the core at every poll, then
+// after kYieldUs sleep between polls. With a rank per core a small all-reduce completes within the spin
+// (one-shot 4 KiB: a few us); measured with 2 ranks on this loaded 2-core host, yielding after ~2k
+// pauses (a few us) added ~150 us per two-shot call, because each yield handed the core to another
+// process for a time slice. Yielding still lets 4 ranks on 2 cores progress, and sleeping keeps a rank
+// that waits for a dead or stalled peer (up to the timeout) from burning a core.
+constexpr double kSpinUs = 100.0;
+constexpr double kYieldUs = 10000.0;
+constexpr long kSleepNs = 50000;
 }  // namespace
 
 struct CallRecord {
@@ -89,6 +94,12 @@ size_t segment_bytes(int world_size, int64_t slot_bytes) {
 }
 
 std::string errno_text(int err) { return std::string(std::strerror(err)) + " (errno " + std::to_string(err) + ")"; }
+
+std::string seconds(double s) {
+  std::ostringstream out;
+  out << s << " s";
+  return out.str();
+}
 
 std::string rank_list(const std::vector<int>& ranks) {
   std::ostringstream s;
@@ -262,7 +273,7 @@ void ShmCommunicator::finish_setup() {
   if (setup_done_) return;
   const auto start = std::chrono::steady_clock::now();
   const auto timeout = std::chrono::duration<double>(timeout_s_);
-  for (uint32_t spins = 0;; ++spins) {
+  for (;;) {
     if (rank_ == 0) {
       std::vector<int> missing;
       for (int r = 1; r < world_size_; ++r)
@@ -278,7 +289,7 @@ void ShmCommunicator::finish_setup() {
         setup_done_ = true;
         header_->setup_state.store(2, std::memory_order_release);
         fail("rank(s) " + rank_list(missing) + " did not map the shared memory segment within " +
-             std::to_string(timeout_s_) + " s (TP_KERNELS_COMM_TIMEOUT); the segment was removed");
+             seconds(timeout_s_) + " (TP_KERNELS_COMM_TIMEOUT); the segment was removed");
       }
     } else {
       const uint32_t state = header_->setup_state.load(std::memory_order_acquire);
@@ -292,16 +303,12 @@ void ShmCommunicator::finish_setup() {
       }
       if (std::chrono::steady_clock::now() - start > timeout) {
         setup_done_ = true;
-        fail("rank(s) 0 did not finish setting up the shared memory segment within " + std::to_string(timeout_s_) +
-             " s (TP_KERNELS_COMM_TIMEOUT)");
+        fail("rank(s) 0 did not finish setting up the shared memory segment within " + seconds(timeout_s_) +
+             " (TP_KERNELS_COMM_TIMEOUT)");
       }
     }
-    if (spins > kSpinsBeforeYield) {
-      struct timespec pause = {0, 100000};  // setup is once per group: 0.1 ms polls keep the core free
-      nanosleep(&pause, nullptr);
-    } else {
-      TPK_CPU_RELAX();
-    }
+    struct timespec pause = {0, 100000};  // setup is once per group: 0.1 ms polls keep the core free
+    nanosleep(&pause, nullptr);
   }
 }
 
@@ -350,19 +357,29 @@ void ShmCommunicator::wait_for(bool reduced_flag, const char* phase) {
     return reduced_flag ? control_[r].reduced : control_[r].arrived;
   };
   int next = rank_ == 0 ? 1 : 0;  // ranks before `next` (other than this one) have been seen
-  std::chrono::steady_clock::time_point start{};
-  for (uint32_t spins = 0;; ++spins) {
+  const auto start = std::chrono::steady_clock::now();
+  for (uint32_t polls = 1;; ++polls) {
     while (next < world_size_ && (next == rank_ || flag(next).load(std::memory_order_acquire) >= seq)) ++next;
     if (next >= world_size_) return;
-    if (spins < kSpinsBeforeYield) {
+    if (polls % 64 != 0) {  // the clock is read every 64 polls (~20 ns each, vs ~1 ns for a poll)
       TPK_CPU_RELAX();
       continue;
     }
-    if (spins == kSpinsBeforeYield) start = std::chrono::steady_clock::now();
-    sched_yield();
-    if ((spins & 63) != 0) continue;
-    const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (waited < timeout_s_) continue;
+    const double waited_us =
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+    if (waited_us < kSpinUs) {
+      TPK_CPU_RELAX();
+      continue;
+    }
+    if (waited_us < kYieldUs) {
+      sched_yield();
+      continue;
+    }
+    if (waited_us < timeout_s_ * 1e6) {
+      struct timespec pause = {0, kSleepNs};
+      nanosleep(&pause, nullptr);
+      continue;
+    }
     std::vector<int> missing;
     std::string exited;
     for (int r = 0; r < world_size_; ++r) {
@@ -372,8 +389,8 @@ void ShmCommunicator::wait_for(bool reduced_flag, const char* phase) {
       if (pid > 0 && kill(pid, 0) != 0 && errno == ESRCH)
         exited += "; process " + std::to_string(pid) + " of rank " + std::to_string(r) + " has exited";
     }
-    fail("rank(s) " + rank_list(missing) + " did not arrive within " + std::to_string(timeout_s_) +
-         " s (TP_KERNELS_COMM_TIMEOUT) at collective #" + std::to_string(seq) + " (phase '" + phase + "')" + exited);
+    fail("rank(s) " + rank_list(missing) + " did not arrive within " + seconds(timeout_s_) +
+         " (TP_KERNELS_COMM_TIMEOUT) at collective #" + std::to_string(seq) + " (phase '" + phase + "')" + exited);
   }
 }
 

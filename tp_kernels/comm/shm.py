@@ -30,6 +30,11 @@ DEFAULT_TIMEOUT_S = 60.0
 # the peers' slots, the output part) within this host's L2 + L3 (1 MiB L2 per 2 cores, 8 MiB L3);
 # bench/all_reduce.py --slot-kib measures the alternatives. 2 ranks: a 4 MiB + 8 KiB segment.
 DEFAULT_SLOT_BYTES = 1 << 20
+# One-shot up to this size, two-shot above. With 2 ranks on this (loaded) 2-core host two-shot measured
+# as fast or faster from 4 KiB up (64 KiB fp32: 25 us vs 31 us; 1 MiB: 383 us vs 478 us, bench/all_reduce.py
+# --one-shot-max-kib 0 / 100000); one-shot keeps a single barrier for the tiniest messages, and its
+# world_size-fold reads matter more at 4+ ranks.
+DEFAULT_ONE_SHOT_MAX_BYTES = 16 << 10
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -95,6 +100,7 @@ class ShmCommunicator(Communicator):
         if rank != 0:
             native = _C.ShmCommunicator.attach(names[0], rank, world_size, timeout_s, label)
         native.finish_setup()
+        native.one_shot_max_bytes = DEFAULT_ONE_SHOT_MAX_BYTES
         self._native = native
         self.segment_name = native.name
         self.world_size = world_size
