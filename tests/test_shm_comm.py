@@ -86,6 +86,11 @@ def _fused_rank(tp, seed, cases, eps):
             residual = _input(seed + case, 100, shape, dtype)  # the same on every rank, as in a model
             weight = _input(seed + case, 101, shape[-1:], dtype)
             fused.append(comm.allreduce_residual_rmsnorm(x, residual, weight, eps))
+        # rows of 8 KiB exceed the 4 KiB slot: the unfused path, with a warning
+        x = _input(seed, tp.rank, (2, 2048), torch.float32)
+        residual = _input(seed, 100, (2, 2048), torch.float32)
+        weight = _input(seed, 101, (2048,), torch.float32)
+        too_wide = comm.allreduce_residual_rmsnorm(x, residual, weight, eps), comm._warned_unfused
     finally:
         comm.close()
     # through the op (the group's default communicator), and the unfused steps it replaces
@@ -96,7 +101,7 @@ def _fused_rank(tp, seed, cases, eps):
         weight = _input(seed + case, 101, shape[-1:], dtype)
         through_op.append(ops.allreduce_residual_rmsnorm(x, residual, weight, eps, tp))
         unfused.append(ops.add_rmsnorm(ops.all_reduce(x, tp), residual, weight, eps))
-    return fused, through_op, unfused
+    return fused, through_op, unfused, too_wide
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -107,7 +112,7 @@ def test_allreduce_residual_rmsnorm_matches_reference(world_size, seed):
     cases = [(algo, dtype, shape) for algo in ALGOS for dtype in DTYPES for shape in shapes
              if shape[-1] * torch.tensor([], dtype=dtype).element_size() <= SMALL_SLOT_BYTES]
     eps = 1e-5
-    fused, through_op, unfused = zip(*spawn_ranks(world_size, _fused_rank, seed, cases, eps))
+    fused, through_op, unfused, too_wide = zip(*spawn_ranks(world_size, _fused_rank, seed, cases, eps))
     for case, (algo, dtype, shape) in enumerate(cases):
         xs = [_input(seed + case, r, shape, dtype) for r in range(world_size)]
         residual = _input(seed + case, 100, shape, dtype)
@@ -123,6 +128,14 @@ def test_allreduce_residual_rmsnorm_matches_reference(world_size, seed):
             # the new residual is rounded exactly as all_reduce then add does it
             assert torch.equal(new_residual, reference.add_rmsnorm(reference.all_reduce(xs), residual, weight,
                                                                    eps)[1]), msg
+    xs = [_input(seed, r, (2, 2048), torch.float32) for r in range(world_size)]
+    normed_ref, residual_ref = reference.allreduce_residual_rmsnorm(
+        [x.double() for x in xs], _input(seed, 100, (2, 2048), torch.float32).double(),
+        _input(seed, 101, (2048,), torch.float32).double(), eps)
+    for rank, ((normed, new_residual), warned) in enumerate(too_wide):
+        assert warned, "a row wider than a slot must take the unfused path with a warning"
+        assert_close(normed, normed_ref, torch.float32, reduction_len=world_size + 1, msg=f"wide rows, rank {rank}")
+        assert_close(new_residual, residual_ref, torch.float32, reduction_len=world_size + 1, msg=f"rank {rank}")
     for case in range(len(through_op[0])):
         dtype = cases[case][1]
         for rank in range(world_size):
