@@ -10,6 +10,7 @@ bool built_with_cuda() {
   return false;
 #endif
 }
+void bind_shm(pybind11::module& m);  // csrc/cpu/shm_bindings.cpp
 }  // namespace tp_kernels
 
 #ifdef TP_KERNELS_WITH_CUDA
@@ -19,6 +20,7 @@ void bind_cuda_ipc(pybind11::module& m);  // csrc/cuda/custom_all_reduce_bind.cp
 PYBIND11_MODULE(_C, m) {
   m.doc() = "tp_kernels C++/CUDA extension";
   m.def("built_with_cuda", &tp_kernels::built_with_cuda, "whether the CUDA sources were compiled in");
+  tp_kernels::bind_shm(m);
 #ifdef TP_KERNELS_WITH_CUDA
   bind_cuda_ipc(m);
 #endif

@@ -6,8 +6,9 @@ and handed to every layer. Ops receive the group's *name* (a str, so torch.compi
 resolve it here; the only table kept is name -> TPGroup, filled when a group is made.
 
 All-reduce goes through a chain of communicators, the first whose predicate accepts the tensor doing the
-work: world size 1 -> identity; then the fast paths other modules add (shared memory on CPU, CUDA IPC on
-GPU); then torch.distributed (gloo on CPU, NCCL on GPU), which always applies.
+work: world size 1 -> identity; then the fast paths of tp_kernels.comm (shared memory on CPU, CUDA IPC on
+GPU); then torch.distributed (gloo on CPU, NCCL on GPU), which always applies. Making a TPGroup over a
+multi-rank process group is collective: the fast paths exchange hostnames and buffer names over it.
 """
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ class Communicator(abc.ABC):
     @abc.abstractmethod
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of x over the group, as a new tensor."""
+
+    def allreduce_residual_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                   eps: float):
+        """add_rmsnorm(all_reduce(x), residual, weight, eps) -> (normed, new_residual). Backends that can
+        fuse the residual add and the norm into the reduction override this."""
+        return torch.ops.tp_kernels.add_rmsnorm(self.all_reduce(x), residual, weight, eps)
 
     def close(self) -> None:
         """Release what the backend holds (shared memory, IPC buffers). Idempotent."""
@@ -102,7 +109,13 @@ class TPGroup:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
         if not self.communicators:
-            self.communicators = [IdentityCommunicator(self.world_size), TorchCommunicator(self.process_group)]
+            fast_paths = []
+            if self.process_group is not None and self.world_size > 1:
+                from tp_kernels.comm import fast_path_communicators  # imports this module: import here
+
+                fast_paths = fast_path_communicators(self)  # collective over the group's ranks
+            self.communicators = [IdentityCommunicator(self.world_size), *fast_paths,
+                                  TorchCommunicator(self.process_group)]
         _GROUPS[self.name] = self
 
     # -- construction ------------------------------------------------------------------------------------

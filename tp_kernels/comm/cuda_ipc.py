@@ -94,7 +94,10 @@ class CudaIpcCommunicator(Communicator):
         ipc_plan.check_buffer_bytes(buffer_bytes)
         reason, device = cls.probe(tp, device)
         if reason is not None:
-            warn_once(f"create:{reason}", f"CUDA IPC all-reduce disabled, NCCL is used instead: {reason}")
+            # Where this machine has a GPU, NCCL taking over is a fallback worth a warning; on a CPU-only
+            # machine there is nothing to fall back from (CPU tensors go to shm or gloo).
+            if torch.cuda.is_available():
+                warn_once(f"create:{reason}", f"CUDA IPC all-reduce disabled, NCCL is used instead: {reason}")
             return None
         impl = _extension._C.CustomAllReduce(tp.rank, tp.world_size, buffer_bytes, device.index)
         impl.open_peers(_gather_bytes(tp, impl.ipc_handle()))

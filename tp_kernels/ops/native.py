@@ -42,7 +42,8 @@ def _all_gather(x, group, dim):
 
 def _allreduce_residual_rmsnorm(x, residual, weight, eps, group):
     checks.check_add_rmsnorm(x, residual, weight, eps)
-    return torch.ops.tp_kernels.add_rmsnorm(resolve(group).all_reduce(x.contiguous()), residual, weight, eps)
+    # the group's backend for x fuses the residual add and the norm into its reduction when it can (shm)
+    return resolve(group).communicator_for(x).allreduce_residual_rmsnorm(x.contiguous(), residual, weight, eps)
 
 
 # register_kernel used as a decorator returns None, so register after definition (the kv-cache variant

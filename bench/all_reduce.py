@@ -1,0 +1,216 @@
+"""All-reduce latency and algorithm bandwidth on CPU ranks: the shared-memory communicator (called directly
+and through tp_kernels.ops.all_reduce) against gloo (torch.distributed.all_reduce) in the same run, with
+the memory-bandwidth floor of each size.
+
+    python bench/all_reduce.py                      # 2 ranks, fp32 + bf16, 4 KiB .. 64 MiB
+    python bench/all_reduce.py --sizes 4K,1M --dtypes fp32 --world-size 4
+
+Writes bench/results/all_reduce.{csv,json} and all_reduce_{latency,algbw}.png.
+
+Paths, each timed back to back on every rank (rank 0's times are reported):
+  shm-direct  ShmCommunicator.all_reduce(x): the communicator call, output allocated per call
+  shm-direct-out  ShmCommunicator.all_reduce(x, out): into a preallocated output (no page faults)
+  shm-op      tp_kernels.ops.all_reduce(x, tp): the torch op (dispatcher + Python impl + chain lookup)
+  gloo        torch.distributed.all_reduce(buf, group) in place on a preallocated buffer
+Floor: an all-reduce must at least copy its N-byte input to where the peers can read it and write the
+N-byte result, so `floor = 2 x (time of one N-byte single-core copy, measured in the same run)`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+from typing import Callable, List
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import RESULTS_DIR, Row, Timing, markdown_table, measure, plot_lines, write_rows  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M"
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().rstrip("B").rstrip("I")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def size_label(n_bytes: int) -> str:
+    for unit, scale in (("M", 1 << 20), ("K", 1 << 10)):
+        if n_bytes >= scale and n_bytes % scale == 0:
+            return f"{n_bytes // scale}{unit}"
+    return str(n_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ranks
+# ----------------------------------------------------------------------------------------------------------
+def launch(world_size: int, fn: Callable, args: argparse.Namespace) -> list:
+    """Run fn(tp, args) on world_size fresh CPU ranks (gloo, file:// rendezvous); rank 0's return value."""
+    with tempfile.TemporaryDirectory(prefix="tpk-bench-") as tmp:
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_rank_main, args=(r, world_size, os.path.join(tmp, "init"), fn, args, results))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        outcome = results.get()
+        for p in procs:
+            p.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(f"benchmark ranks exited with codes {[p.exitcode for p in procs]}")
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def _rank_main(rank, world_size, init_file, fn, args, results):
+    torch.set_num_threads(1)  # one core per rank: more threads only oversubscribe a small host
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=300))
+    from tp_kernels.distributed import TPGroup
+
+    tp = TPGroup.from_group()
+    try:
+        out = fn(tp, args)
+        if rank == 0:
+            results.put(out)
+    except BaseException as exc:  # noqa: BLE001  (shown by the parent)
+        if rank == 0:
+            results.put(RuntimeError(f"rank 0 failed: {exc!r}"))
+        raise
+    finally:
+        tp.close()
+        dist.destroy_process_group()
+
+
+def agreed_repeats(fn: Callable[[], object], budget_s: float, lo: int, hi: int) -> int:
+    """How many timed calls fit in budget_s, estimated on rank 0 and broadcast: every rank must make the
+    same number of collective calls (measure()'s time-based loop could differ between ranks)."""
+    import time
+
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    fn()
+    per_call = (time.perf_counter() - t0) / 2
+    count = [max(lo, min(hi, int(budget_s / max(per_call, 1e-7))))]
+    dist.broadcast_object_list(count, src=0)
+    return count[0]
+
+
+def time_collective(fn: Callable[[], object], budget_s: float) -> Timing:
+    repeats = agreed_repeats(fn, budget_s, lo=10, hi=20000)
+    dist.barrier()
+    return measure(fn, warmup=3, repeats=repeats)
+
+
+def _bench_rank(tp, args) -> List[dict]:
+    from tqdm import tqdm
+
+    from tp_kernels import ops
+
+    comm = tp.communicator_for(torch.ones(1))
+    if comm.name != "shm":
+        raise RuntimeError(f"expected the shm communicator in the chain, got {comm.name}")
+    if args.one_shot_max_kib is not None:
+        comm.one_shot_max_bytes = args.one_shot_max_kib * 1024
+    if args.slot_kib is not None:  # a private communicator with another slot size (collective)
+        from tp_kernels.comm.shm import ShmCommunicator
+
+        comm = ShmCommunicator(tp.process_group, tp.rank, tp.world_size, tp.name + "/bench",
+                               slot_bytes=args.slot_kib * 1024)
+        if args.one_shot_max_kib is not None:
+            comm.one_shot_max_bytes = args.one_shot_max_kib * 1024
+    cases = [(dtype_name, size) for dtype_name in args.dtypes for size in args.sizes]
+    records = []
+    bar = tqdm(cases, desc="all_reduce", disable=tp.rank != 0)
+    for dtype_name, n_bytes in bar:
+        dtype = DTYPES[dtype_name]
+        numel = n_bytes // torch.tensor([], dtype=dtype).element_size()
+        x = torch.randn(numel).to(dtype)
+        buf, out = x.clone(), torch.empty_like(x)
+        src, dst = torch.randn(numel).to(dtype), torch.empty(numel, dtype=dtype)
+        paths = {
+            "shm-direct": lambda: comm.all_reduce(x),
+            "shm-direct-out": lambda: comm.all_reduce(x, out),
+            "shm-op": lambda: ops.all_reduce(x, tp),
+            "gloo": lambda: dist.all_reduce(buf, group=tp.process_group),
+        }
+        if args.no_gloo:
+            paths.pop("gloo")
+        budget = args.budget_s
+        for path, fn in paths.items():
+            bar.set_postfix_str(f"{dtype_name} {size_label(n_bytes)} {path}")
+            records.append(dict(path=path, dtype=dtype_name, n_bytes=n_bytes, timing=time_collective(fn, budget)))
+        copy = measure(lambda: dst.copy_(src), warmup=3, repeats=max(10, min(2000, int(2e9 / max(n_bytes, 1)))))
+        records.append(dict(path="copy", dtype=dtype_name, n_bytes=n_bytes, timing=copy))
+    if args.slot_kib is not None:
+        comm.close()
+    return [dict(r, isa=type(comm._native).reduce_isa, slot_bytes=comm.slot_bytes,
+                 one_shot_max_bytes=comm.one_shot_max_bytes) for r in records]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rows, table, plots
+# ----------------------------------------------------------------------------------------------------------
+def to_rows(records: List[dict], world_size: int) -> List[Row]:
+    by_key = {(r["path"], r["dtype"], r["n_bytes"]): r["timing"] for r in records}
+    rows = []
+    for r in records:
+        if r["path"] == "copy":
+            continue
+        t, n_bytes = r["timing"], r["n_bytes"]
+        floor_s = 2 * by_key[("copy", r["dtype"], n_bytes)].median_s
+        gloo = by_key.get(("gloo", r["dtype"], n_bytes))
+        config = (f"path={r['path']} slot={r['slot_bytes']} one_shot_max={r['one_shot_max_bytes']} "
+                  f"isa={r['isa']}")
+        rows.append(Row.from_timing(
+            "all_reduce", r["path"], t, config=config, dtype=r["dtype"], shape=size_label(n_bytes),
+            world_size=world_size, gbps=n_bytes / t.median_s / 1e9, ceiling_fraction=floor_s / t.median_s,
+            baseline=None if gloo is None or r["path"] == "gloo" else "gloo",
+            ratio=None if gloo is None or r["path"] == "gloo" else gloo.median_s / t.median_s,
+            notes=(f"floor {floor_s * 1e6:.1f} us = 2 x measured {size_label(n_bytes)} single-core copy; "
+                   "ceiling_fraction = floor / median; gbps = algbw (bytes / time); ratio = gloo / this")))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"bytes per rank, comma separated (default {DEFAULT_SIZES})")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma separated, of fp32, bf16, fp16")
+    parser.add_argument("--budget-s", type=float, default=0.3, help="target seconds of timed calls per case")
+    parser.add_argument("--slot-kib", type=int, default=None, help="use a communicator with this slot size")
+    parser.add_argument("--one-shot-max-kib", type=int, default=None, help="one-shot up to this size, two-shot above")
+    parser.add_argument("--no-gloo", action="store_true", help="skip the gloo rows (and ratios)")
+    parser.add_argument("--name", default="all_reduce", help="results file name in bench/results/")
+    args = parser.parse_args(argv)
+    args.sizes = [parse_size(s) for s in args.sizes.split(",")]
+    args.dtypes = [d.strip() for d in args.dtypes.split(",")]
+    unknown = set(args.dtypes) - set(DTYPES)
+    if unknown:
+        parser.error(f"--dtypes must be of {sorted(DTYPES)}, got {sorted(unknown)}")
+    rows = to_rows(launch(args.world_size, _bench_rank, args), args.world_size)
+    print(f"wrote {write_rows(args.name, rows)}")
+    print(markdown_table(rows, ["case", "dtype", "shape", "median_us", "p20_us", "p80_us", "gbps", "ratio",
+                                "ceiling_fraction"]))
+    for metric, label in (("median_us", "latency (us)"), ("gbps", "algbw (GB/s)")):
+        series = {}
+        for row in rows:
+            xs, ys = series.setdefault(f"{row.case} {row.dtype}", ([], []))
+            xs.append(parse_size(row.shape))
+            ys.append(getattr(row, metric))
+        path = plot_lines(os.path.join(RESULTS_DIR, f"{args.name}_{'latency' if metric == 'median_us' else 'algbw'}.png"),
+                          f"all-reduce, {args.world_size} CPU ranks", "bytes per rank", label, series)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

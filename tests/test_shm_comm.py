@@ -1,0 +1,189 @@
+"""The shared-memory communicator (tp_kernels.comm.shm) at 2 and 4 CPU ranks: sums against the float64
+reference for every dtype, one-shot and two-shot, messages larger than a slot, the same bits on every
+rank, the fused all-reduce + residual + RMSNorm, opcheck of both ops, and 10,000 back-to-back calls.
+
+Inputs are generated inside each rank from (seed, rank) and regenerated here for the reference, so large
+messages are not shipped to every rank. A private communicator with 4 KiB slots makes messages of a few
+thousand elements span several slots; the group's default communicator (1 MiB slots) is used through
+the ops.
+"""
+import pytest
+import torch
+
+from conftest import assert_close, poison_like, spawn_ranks
+from tp_kernels import ops, reference
+from tp_kernels.comm.shm import ShmCommunicator
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SMALL_SLOT_BYTES = 4096
+# 4 KiB slots hold 1024 fp32 / 2048 half elements: sizes around and well past one slot, odd counts
+SIZES = (0, 1, 3, 17, 255, 1023, 1024, 1025, 2049, 3 * 2048 + 7, 4 * 4096 + 3)
+ALGOS = {"one-shot": 1 << 40, "two-shot": 0}  # one_shot_max_bytes forcing each algorithm
+
+
+def _input(seed: int, rank: int, shape, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(dtype)
+
+
+def _small_slot_comm(tp) -> ShmCommunicator:
+    return ShmCommunicator(tp.process_group, tp.rank, tp.world_size, f"{tp.name}/test-small-slots",
+                           slot_bytes=SMALL_SLOT_BYTES)
+
+
+def _sums_rank(tp, seed, cases, big_numel):
+    comm = _small_slot_comm(tp)
+    try:
+        results = []
+        for case, (algo, dtype, numel) in enumerate(cases):
+            comm.one_shot_max_bytes = ALGOS[algo]
+            x = _input(seed + case, tp.rank, (numel,), dtype)
+            out = poison_like(x)
+            y = comm.all_reduce(x, out)
+            assert y.data_ptr() == out.data_ptr()
+            results.append(y)
+    finally:
+        comm.close()
+    # the group's own chain: auto picks shm for CPU floats; a message over the default 1 MiB slot
+    x = _input(seed - 1, tp.rank, (big_numel,), torch.float32)
+    chosen = tp.communicator_for(x).name
+    y_auto = ops.all_reduce(x, tp)
+    y_shm = ops.all_reduce(x, tp, algo="shm")
+    y_torch = ops.all_reduce(x, tp, algo="torch")
+    return results, chosen, y_auto, y_shm, y_torch
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_all_reduce_matches_reference(world_size, seed):
+    cases = [(algo, dtype, n) for algo in ALGOS for dtype in DTYPES for n in SIZES]
+    big_numel = (1 << 18) + 12_345  # > 1 MiB of fp32
+    results = spawn_ranks(world_size, _sums_rank, seed, cases, big_numel)
+    for case, (algo, dtype, numel) in enumerate(cases):
+        xs = [_input(seed + case, r, (numel,), dtype) for r in range(world_size)]
+        expected = reference.all_reduce([x.double() for x in xs])
+        for rank in range(world_size):
+            y = results[rank][0][case]
+            assert_close(y, expected, dtype, reduction_len=world_size, msg=f"{algo} n={numel} rank {rank}")
+            # same bits on every rank, and the same as fp32 accumulation in rank order rounded once
+            assert torch.equal(y, results[0][0][case]), f"{algo} {dtype} n={numel}: rank {rank} differs from rank 0"
+        assert torch.equal(results[0][0][case], reference.all_reduce(xs)), f"{algo} {dtype} n={numel}"
+    xs = [_input(seed - 1, r, (big_numel,), torch.float32) for r in range(world_size)]
+    expected = reference.all_reduce([x.double() for x in xs])
+    for rank, (_, chosen, y_auto, y_shm, y_torch) in enumerate(results):
+        assert chosen == "shm"
+        assert torch.equal(y_auto, y_shm) and torch.equal(y_shm, results[0][3])
+        assert_close(y_shm, expected, torch.float32, reduction_len=world_size, msg=f"big, rank {rank}")
+        assert_close(y_torch, expected, torch.float32, reduction_len=world_size, msg=f"gloo, rank {rank}")
+
+
+def _fused_rank(tp, seed, cases, eps):
+    comm = _small_slot_comm(tp)
+    try:
+        fused = []
+        for case, (algo, dtype, shape) in enumerate(cases):
+            comm.one_shot_max_bytes = ALGOS[algo]
+            x = _input(seed + case, tp.rank, shape, dtype)
+            residual = _input(seed + case, 100, shape, dtype)  # the same on every rank, as in a model
+            weight = _input(seed + case, 101, shape[-1:], dtype)
+            fused.append(comm.allreduce_residual_rmsnorm(x, residual, weight, eps))
+        # rows of 8 KiB exceed the 4 KiB slot: the unfused path, with a warning
+        x = _input(seed, tp.rank, (2, 2048), torch.float32)
+        residual = _input(seed, 100, (2, 2048), torch.float32)
+        weight = _input(seed, 101, (2048,), torch.float32)
+        too_wide = comm.allreduce_residual_rmsnorm(x, residual, weight, eps), comm._warned_unfused
+    finally:
+        comm.close()
+    # through the op (the group's default communicator), and the unfused steps it replaces
+    through_op, unfused = [], []
+    for case, (algo, dtype, shape) in enumerate(cases[:len(cases) // 2]):
+        x = _input(seed + case, tp.rank, shape, dtype)
+        residual = _input(seed + case, 100, shape, dtype)
+        weight = _input(seed + case, 101, shape[-1:], dtype)
+        through_op.append(ops.allreduce_residual_rmsnorm(x, residual, weight, eps, tp))
+        unfused.append(ops.add_rmsnorm(ops.all_reduce(x, tp), residual, weight, eps))
+    return fused, through_op, unfused, too_wide
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_allreduce_residual_rmsnorm_matches_reference(world_size, seed):
+    # with 4 KiB slots: a (1, 1024) fp32 row fills a slot; (5, 1000) fp32 takes 5 one-row steps; 257 is
+    # odd; (2, 3, 64) has two leading dims; (3, 2048) half rows fill slots (8 KiB fp32 rows do not fit)
+    shapes = ((1, 1024), (16, 96), (5, 1000), (3, 257), (2, 3, 64), (3, 2048))
+    cases = [(algo, dtype, shape) for algo in ALGOS for dtype in DTYPES for shape in shapes
+             if shape[-1] * torch.tensor([], dtype=dtype).element_size() <= SMALL_SLOT_BYTES]
+    eps = 1e-5
+    fused, through_op, unfused, too_wide = zip(*spawn_ranks(world_size, _fused_rank, seed, cases, eps))
+    for case, (algo, dtype, shape) in enumerate(cases):
+        xs = [_input(seed + case, r, shape, dtype) for r in range(world_size)]
+        residual = _input(seed + case, 100, shape, dtype)
+        weight = _input(seed + case, 101, shape[-1:], dtype)
+        normed_ref, residual_ref = reference.allreduce_residual_rmsnorm(
+            [x.double() for x in xs], residual.double(), weight.double(), eps)
+        for rank in range(world_size):
+            normed, new_residual = fused[rank][case]
+            msg = f"{algo} {tuple(shape)} rank {rank}"
+            assert_close(new_residual, residual_ref, dtype, reduction_len=world_size + 1, msg=msg)
+            assert_close(normed, normed_ref, dtype, reduction_len=world_size + 1, msg=msg)
+            assert torch.equal(normed, fused[0][case][0]) and torch.equal(new_residual, fused[0][case][1]), msg
+            # the new residual is rounded exactly as all_reduce then add does it
+            assert torch.equal(new_residual, reference.add_rmsnorm(reference.all_reduce(xs), residual, weight,
+                                                                   eps)[1]), msg
+    xs = [_input(seed, r, (2, 2048), torch.float32) for r in range(world_size)]
+    normed_ref, residual_ref = reference.allreduce_residual_rmsnorm(
+        [x.double() for x in xs], _input(seed, 100, (2, 2048), torch.float32).double(),
+        _input(seed, 101, (2048,), torch.float32).double(), eps)
+    for rank, ((normed, new_residual), warned) in enumerate(too_wide):
+        assert warned, "a row wider than a slot must take the unfused path with a warning"
+        assert_close(normed, normed_ref, torch.float32, reduction_len=world_size + 1, msg=f"wide rows, rank {rank}")
+        assert_close(new_residual, residual_ref, torch.float32, reduction_len=world_size + 1, msg=f"rank {rank}")
+    for case in range(len(through_op[0])):
+        dtype = cases[case][1]
+        for rank in range(world_size):
+            (normed, new_residual), (normed_u, new_residual_u) = through_op[rank][case], unfused[rank][case]
+            assert torch.equal(new_residual, new_residual_u)
+            assert_close(normed, normed_u.double(), dtype, msg=f"fused vs unfused op, case {case}")
+
+
+def _opcheck_rank(tp, seed):
+    x = _input(seed, tp.rank, (3, 40), torch.float32)
+    residual = _input(seed, 100, (3, 40), torch.float32)
+    weight = _input(seed, 101, (40,), torch.float32)
+    torch.library.opcheck(torch.ops.tp_kernels.all_reduce.default, (x, tp.name, "shm"))
+    torch.library.opcheck(torch.ops.tp_kernels.allreduce_residual_rmsnorm.default, (x, residual, weight, 1e-6, tp.name))
+    return tp.communicator_for(x).name
+
+
+def test_opcheck_through_shm(seed):
+    assert spawn_ranks(2, _opcheck_rank, seed) == ["shm", "shm"]
+
+
+def _back_to_back_rank(tp, seed, n_calls):
+    """n_calls all-reduces of sizes and dtypes drawn from a generator seeded alike on every rank (so the
+    ranks agree on each call), with integer-valued inputs whose sums are exact in every dtype: any lost,
+    stale or misplaced element shows as a wrong value."""
+    comm = _small_slot_comm(tp)
+    comm.one_shot_max_bytes = 2048  # both algorithms, and multi-slot messages, in the mix
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 3000, (n_calls,), generator=g).tolist()
+    kinds = torch.randint(0, len(DTYPES), (n_calls,), generator=g).tolist()
+    pattern = torch.arange(3000, dtype=torch.float32) % 13
+    failures = []
+    try:
+        for call, (numel, kind) in enumerate(zip(sizes, kinds)):
+            dtype, offset = DTYPES[kind], call % 7
+            x = (pattern[:numel] + (offset + tp.rank)).to(dtype)
+            expected = (pattern[:numel] * tp.world_size + (offset * tp.world_size +
+                                                           tp.world_size * (tp.world_size - 1) // 2)).to(dtype)
+            if not torch.equal(comm.all_reduce(x), expected):
+                failures.append((call, numel, str(dtype)))
+        return failures, comm.sequence
+    finally:
+        comm.close()
+
+
+def test_ten_thousand_back_to_back_calls(seed):
+    n_calls = 10_000
+    results = spawn_ranks(2, _back_to_back_rank, seed, n_calls)
+    for rank, (failures, steps) in enumerate(results):
+        assert failures == [], f"rank {rank}: {len(failures)} wrong results, first {failures[:5]}"
+        assert steps > n_calls  # some calls spanned several slots

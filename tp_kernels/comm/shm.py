@@ -1,0 +1,182 @@
+"""The shared-memory all-reduce for CPU tensors of ranks that share a host (C++: csrc/cpu/shm_comm.h).
+
+Setup is collective over the group: rank 0 creates a segment under a random name (mode 0600) and
+broadcasts the name over the group's gloo process group, every rank maps it, and rank 0 unlinks it as
+soon as all have, so nothing is left in /dev/shm whatever way the processes end. Whether the ranks share
+a host is decided from their hostnames and kernel boot ids, gathered over the same group.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from tp_kernels._extension import _C
+from tp_kernels.distributed import Communicator
+
+if TYPE_CHECKING:
+    from tp_kernels.distributed import TPGroup
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_ENV = "TP_KERNELS_COMM_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
+# Per rank and slot parity. Messages larger than a slot go in slot-sized steps, pipelined (a rank copies
+# step k + 1 in while the others still read step k). 1 MiB steps keep a step's working set (its input,
+# the peers' slots, the output part) within this host's L2 + L3 (1 MiB L2 per 2 cores, 8 MiB L3);
+# bench/all_reduce.py --slot-kib measures the alternatives. 2 ranks: a 4 MiB + 8 KiB segment.
+DEFAULT_SLOT_BYTES = 1 << 20
+# One-shot up to this size, two-shot above. With 2 ranks on this (loaded) 2-core host two-shot measured
+# as fast or faster from 4 KiB up (64 KiB fp32: 25 us vs 31 us; 1 MiB: 383 us vs 478 us, bench/all_reduce.py
+# --one-shot-max-kib 0 / 100000); one-shot keeps a single barrier for the tiniest messages, and its
+# world_size-fold reads matter more at 4+ ranks.
+DEFAULT_ONE_SHOT_MAX_BYTES = 16 << 10
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def comm_timeout_s() -> float:
+    """The collective timeout in seconds: TP_KERNELS_COMM_TIMEOUT if set, else 60."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or raw == "":
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
+def host_id() -> Tuple[str, str]:
+    """(hostname, kernel boot id): equal for two processes that can share /dev/shm. The boot id tells
+    apart machines or containers that happen to share a hostname."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()
+    except OSError:
+        boot_id = ""
+    return socket.gethostname(), boot_id
+
+
+def _group_supports_cpu(pg: dist.ProcessGroup) -> bool:
+    """Whether the process group can run CPU collectives (gloo), which setup uses to exchange names."""
+    return "gloo" in str(dist.get_backend(pg)).lower()
+
+
+class ShmCommunicator(Communicator):
+    """All-reduce of CPU tensors through a shared-memory segment of the group.
+
+    Applies to contiguous-able CPU float32 / float16 / bfloat16 tensors when every rank of the group is on
+    this host. Small messages go one-shot (every rank sums every slot), large ones two-shot (each rank
+    sums a part, then all copy); fp32 accumulation; the same bits on every rank. Waits time out after
+    TP_KERNELS_COMM_TIMEOUT seconds (default 60) naming the ranks that did not arrive.
+    """
+
+    name = "shm"
+
+    def __init__(self, process_group: dist.ProcessGroup, rank: int, world_size: int, label: str,
+                 slot_bytes: int = DEFAULT_SLOT_BYTES, timeout_s: Optional[float] = None):
+        """Collective over process_group: every rank must construct it, with the same slot_bytes."""
+        if _C is None:
+            raise RuntimeError("the shm communicator needs the compiled extension tp_kernels._C")
+        timeout_s = comm_timeout_s() if timeout_s is None else timeout_s
+        group_rank0 = dist.get_global_rank(process_group, 0)
+        if rank == 0:
+            native = _C.ShmCommunicator.create(world_size, slot_bytes, timeout_s, label)
+            names: List[Optional[str]] = [native.name]
+        else:
+            names = [None]
+        try:
+            dist.broadcast_object_list(names, src=group_rank0, group=process_group)
+        except BaseException:
+            if rank == 0:
+                native.close()  # unlinks the name, which no other rank will ask for
+            raise
+        if rank != 0:
+            native = _C.ShmCommunicator.attach(names[0], rank, world_size, timeout_s, label)
+        native.finish_setup()
+        native.one_shot_max_bytes = DEFAULT_ONE_SHOT_MAX_BYTES
+        self._native = native
+        self.segment_name = native.name
+        self.world_size = world_size
+        self._warned_unfused = False
+
+    @classmethod
+    def for_group(cls, tp: "TPGroup") -> Optional["ShmCommunicator"]:
+        """The communicator for tp when it can serve it: several ranks, a gloo-capable group, the compiled
+        extension, every rank on this host. None (and an info log saying why) otherwise. Collective."""
+        if tp.world_size == 1 or tp.process_group is None:
+            return None
+        if not _group_supports_cpu(tp.process_group):
+            log.info("shm communicator not used for group %r: its backend %s has no CPU collectives", tp.name,
+                     dist.get_backend(tp.process_group))
+            return None
+        hosts: List[Optional[Tuple[str, str]]] = [None] * tp.world_size
+        dist.all_gather_object(hosts, host_id(), group=tp.process_group)
+        if len(set(hosts)) != 1:
+            log.info("shm communicator not used for group %r: its ranks span %d hosts", tp.name, len(set(hosts)))
+            return None
+        if _C is None:  # same answer on every rank (same host, same build), so no rank waits for another
+            log.warning("shm communicator not used for group %r: tp_kernels._C is not loaded; CPU all-reduce "
+                        "falls back to gloo", tp.name)
+            return None
+        return cls(tp.process_group, tp.rank, tp.world_size, tp.name)
+
+    # -- Communicator ------------------------------------------------------------------------------------
+    def applies(self, x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES and not self._native.closed
+
+    def all_reduce(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The sum of x over the group, into out (contiguous, x's shape and dtype) or a new tensor."""
+        return self._native.all_reduce(x.contiguous(), out)
+
+    def allreduce_residual_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                   eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """add_rmsnorm(all_reduce(x), residual, weight, eps) with the residual add and the norm done in the
+        same pass over the reduced rows; returns (normed, new_residual). A row larger than a slot cannot be
+        normalized from one step, so it takes the unfused path (with a warning, once)."""
+        if x.dim() >= 1 and x.shape[-1] * x.element_size() > self.slot_bytes:
+            if not self._warned_unfused:
+                self._warned_unfused = True
+                log.warning("shm allreduce_residual_rmsnorm: rows of %d bytes exceed the %d-byte slot; using the "
+                            "unfused all_reduce + add_rmsnorm for them", x.shape[-1] * x.element_size(),
+                            self.slot_bytes)
+            return super().allreduce_residual_rmsnorm(x, residual, weight, eps)
+        return self._native.allreduce_residual_rmsnorm(x.contiguous(), residual.contiguous(), weight.contiguous(),
+                                                       float(eps))
+
+    def close(self) -> None:
+        self._native.close()
+
+    # -- knobs -------------------------------------------------------------------------------------------
+    @property
+    def timeout_s(self) -> float:
+        return self._native.timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, value: float) -> None:
+        self._native.timeout_s = value
+
+    @property
+    def one_shot_max_bytes(self) -> int:
+        """Messages up to this size go one-shot. Set it to the same value on every rank (a difference is
+        detected and raises at the next call)."""
+        return self._native.one_shot_max_bytes
+
+    @one_shot_max_bytes.setter
+    def one_shot_max_bytes(self, value: int) -> None:
+        self._native.one_shot_max_bytes = value
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._native.slot_bytes
+
+    @property
+    def sequence(self) -> int:
+        """How many steps this communicator has run (a message larger than a slot takes several)."""
+        return self._native.sequence
