@@ -266,13 +266,27 @@ def test_tensor_fallback_reason():
 # ----------------------------------------------------------------------------------------------------------
 # the communicator without a GPU
 # ----------------------------------------------------------------------------------------------------------
-def test_single_rank_gets_no_communicator_and_one_warning(caplog):
+def test_single_rank_gets_no_communicator_and_no_warning(caplog):
     cuda_ipc._warned.clear()
     with caplog.at_level(logging.WARNING, logger="tp_kernels.comm.cuda_ipc"):
         assert CudaIpcCommunicator.create(TPGroup.single()) is None
-        assert CudaIpcCommunicator.create(TPGroup.single()) is None
+    assert not [r for r in caplog.records if "CUDA IPC all-reduce disabled" in r.getMessage()]
+
+
+class _TwoRanks:
+    world_size, rank, process_group = 2, 0, None
+
+
+@pytest.mark.parametrize("gpu_present", [True, False])
+def test_declining_warns_once_only_where_a_gpu_would_have_used_it(caplog, monkeypatch, gpu_present):
+    cuda_ipc._warned.clear()
+    monkeypatch.setattr(CudaIpcCommunicator, "probe", staticmethod(lambda tp, device=None: ("peers unreachable", None)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu_present)
+    with caplog.at_level(logging.WARNING, logger="tp_kernels.comm.cuda_ipc"):
+        assert CudaIpcCommunicator.create(_TwoRanks()) is None
+        assert CudaIpcCommunicator.create(_TwoRanks()) is None
     warnings = [r.getMessage() for r in caplog.records if "CUDA IPC all-reduce disabled" in r.getMessage()]
-    assert warnings == ["CUDA IPC all-reduce disabled, NCCL is used instead: world size 1 needs no all-reduce"]
+    assert warnings == (["CUDA IPC all-reduce disabled, NCCL is used instead: peers unreachable"] if gpu_present else [])
 
 
 def _probe_with_rank1_without_cuda(tp):

@@ -94,9 +94,9 @@ class CudaIpcCommunicator(Communicator):
         ipc_plan.check_buffer_bytes(buffer_bytes)
         reason, device = cls.probe(tp, device)
         if reason is not None:
-            # Where this machine has a GPU, NCCL taking over is a fallback worth a warning; on a CPU-only
-            # machine there is nothing to fall back from (CPU tensors go to shm or gloo).
-            if torch.cuda.is_available():
+            # Where this machine has a GPU and there is something to reduce, NCCL taking over is a fallback
+            # worth a warning; on a CPU-only machine, or for one rank, nothing falls back.
+            if torch.cuda.is_available() and tp.world_size > 1:
                 warn_once(f"create:{reason}", f"CUDA IPC all-reduce disabled, NCCL is used instead: {reason}")
             return None
         impl = _extension._C.CustomAllReduce(tp.rank, tp.world_size, buffer_bytes, device.index)
