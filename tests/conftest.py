@@ -16,6 +16,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a warning of 
 import datetime  # noqa: E402
 import queue  # noqa: E402
 import shutil  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -26,6 +27,8 @@ from typing import Callable, Dict, List  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+
+import tp_kernels  # noqa: E402  (the package under test; ranks import the same one)
 
 # ----------------------------------------------------------------------------------------------------------
 # tolerances
@@ -105,6 +108,9 @@ def _rank_main(rank: int, world_size: int, init_file: str, tasks, results) -> No
     dist.destroy_process_group()
 
 
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tp_kernels.__file__)))
+
+
 class RankPool:
     """world_size processes with an initialized gloo group, running functions sent to them."""
 
@@ -118,8 +124,16 @@ class RankPool:
                                   args=(rank, world_size, os.path.join(self.tmp, "init"), self.tasks[rank],
                                         self.results))
                       for rank in range(world_size)]
-        for p in self.procs:
-            p.start()
+        # A spawned process starts with the parent's sys.path. Put the tp_kernels under test first, so the
+        # ranks import the same one (the source tree, or the installed copy in the CPU-only-torch run)
+        # whatever a test module has since put in front of it (bench/ scripts add the repo root).
+        saved_path = list(sys.path)
+        sys.path.insert(0, _PACKAGE_ROOT)
+        try:
+            for p in self.procs:
+                p.start()
+        finally:
+            sys.path[:] = saved_path
 
     def run(self, fn: Callable, args: tuple, timeout_s: float) -> List:
         for q in self.tasks:
