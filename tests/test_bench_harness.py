@@ -13,10 +13,14 @@ from tp_kernels import perfmodel_decode as pd
 from tp_kernels.perfmodel import HARDWARE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.append(REPO_ROOT)  # appended: tp_kernels stays the one imported above
-
+# The bench scripts put the repo root first on sys.path when imported (so they run from a checkout);
+# restore it afterwards, or processes spawned later by other tests would import the source tree's
+# tp_kernels instead of the one under test (the installed copy in the CPU-only-torch run).
+_saved_path = list(sys.path)
+sys.path.append(REPO_ROOT)
 from bench import common, decode_e2e, decode_model, run_all  # noqa: E402
+
+sys.path[:] = _saved_path
 
 
 # ----------------------------------------------------------------------------------------------------------
