@@ -119,12 +119,39 @@ def _pipeline_cpu(tp: TPGroup, jobs, collective, after) -> list:
         raise
 
 
-def _gemm_allreduce_cpu(x, w, bias, group, chunks=None):
+# ----------------------------------------------------------------------------------------------------------
+# checks and chunk plan of each op, shared by the CPU and CUDA pipelines
+# ----------------------------------------------------------------------------------------------------------
+def plan_gemm_allreduce(x, w, bias, group, chunks):
+    """Check the arguments; (tp, number of chunks)."""
     checks.check_gemm(x, w, bias, chunks)
     tp = resolve(group)
     m, k = x.shape
-    n = w.shape[0]
-    n_chunks = plan_chunks(chunks, tp, x, m, n, k, m, "all_reduce")
+    return tp, plan_chunks(chunks, tp, x, m, w.shape[0], k, m, "all_reduce")
+
+
+def plan_gemm_reduce_scatter(x, w, bias, group, chunks):
+    """Check the arguments; (tp, x as (p, M / p, K) blocks where block r holds rank r's output rows,
+    number of chunks)."""
+    tp = resolve(group)
+    checks.check_gemm_reduce_scatter(x, w, bias, chunks, tp.world_size)
+    m, k = x.shape
+    rows_per_rank = m // tp.world_size
+    x_blocks = x.reshape(tp.world_size, rows_per_rank, k)  # (p, M / p, K)
+    return tp, x_blocks, plan_chunks(chunks, tp, x, m, w.shape[0], k, rows_per_rank, "all_reduce")
+
+
+def plan_allgather_gemm(x, w, bias, group, chunks):
+    """Check the arguments; (tp, number of chunks)."""
+    checks.check_gemm(x, w, bias, chunks)
+    tp = resolve(group)
+    rows_per_rank, k = x.shape
+    return tp, plan_chunks(chunks, tp, x, tp.world_size * rows_per_rank, w.shape[0], k, rows_per_rank, "all_gather")
+
+
+def _gemm_allreduce_cpu(x, w, bias, group, chunks=None):
+    tp, n_chunks = plan_gemm_allreduce(x, w, bias, group, chunks)
+    m = x.shape[0]
     if n_chunks == 1:
         return _add_bias_(tp.all_reduce(_chunk_gemm(x, w)), bias)
     jobs = [lambda s=start, e=stop: _chunk_gemm(x[s:e], w) for start, stop in chunk_bounds(m, n_chunks)]
@@ -133,13 +160,8 @@ def _gemm_allreduce_cpu(x, w, bias, group, chunks=None):
 
 
 def _gemm_reduce_scatter_cpu(x, w, bias, group, chunks=None):
-    tp = resolve(group)
-    checks.check_gemm_reduce_scatter(x, w, bias, chunks, tp.world_size)
-    m, k = x.shape
-    n = w.shape[0]
-    rows_per_rank = m // tp.world_size
-    x_blocks = x.reshape(tp.world_size, rows_per_rank, k)  # (p, M / p, K): block r -> rank r's output rows
-    n_chunks = plan_chunks(chunks, tp, x, m, n, k, rows_per_rank, "all_reduce")
+    tp, x_blocks, n_chunks = plan_gemm_reduce_scatter(x, w, bias, group, chunks)
+    rows_per_rank = x_blocks.shape[1]
     if n_chunks == 1:
         rows = _reduce_rows_of_rank(tp, _block_gemm(x_blocks, w, 0, rows_per_rank))  # a view into all p blocks
         return rows + bias if bias is not None else rows.clone()  # own storage, as the fake impl promises
@@ -157,12 +179,8 @@ def _block_gemm(x_blocks: torch.Tensor, w: torch.Tensor, start: int, stop: int) 
 
 
 def _allgather_gemm_cpu(x, w, bias, group, chunks=None):
-    checks.check_gemm(x, w, bias, chunks)
-    tp = resolve(group)
-    rows_per_rank, k = x.shape
-    n = w.shape[0]
-    p = tp.world_size
-    n_chunks = plan_chunks(chunks, tp, x, p * rows_per_rank, n, k, rows_per_rank, "all_gather")
+    tp, n_chunks = plan_allgather_gemm(x, w, bias, group, chunks)
+    rows_per_rank, n, p = x.shape[0], w.shape[0], tp.world_size
     if n_chunks == 1:
         return _chunk_gemm(_gather_rows(tp, x), w, bias)
     out = x.new_empty((p, rows_per_rank, n))  # (p, M / p, N): block r <- rank r's input rows

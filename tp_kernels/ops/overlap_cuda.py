@@ -9,10 +9,8 @@ from typing import Dict
 
 import torch
 
-from tp_kernels.distributed import resolve
-from tp_kernels.ops import checks
 from tp_kernels.ops.overlap import (_add_bias_, _block_gemm, _chunk_gemm, _gather_rows, _reduce_rows_of_rank,
-                                    chunk_bounds, plan_chunks)
+                                    chunk_bounds, plan_allgather_gemm, plan_gemm_allreduce, plan_gemm_reduce_scatter)
 
 _COMM_STREAMS: Dict[int, torch.cuda.Stream] = {}
 
@@ -44,11 +42,8 @@ def _reduce_pipeline(tp, out_chunks, gemms, reduce):
 
 
 def _gemm_allreduce_cuda(x, w, bias, group, chunks=None):
-    checks.check_gemm(x, w, bias, chunks)
-    tp = resolve(group)
-    m, k = x.shape
-    n = w.shape[0]
-    n_chunks = plan_chunks(chunks, tp, x, m, n, k, m, "all_reduce")
+    tp, n_chunks = plan_gemm_allreduce(x, w, bias, group, chunks)
+    m, n = x.shape[0], w.shape[0]
     out = x.new_empty((m, n))
     bounds = chunk_bounds(m, n_chunks)
     _reduce_pipeline(tp, [out[s:e] for s, e in bounds],
@@ -58,13 +53,8 @@ def _gemm_allreduce_cuda(x, w, bias, group, chunks=None):
 
 
 def _gemm_reduce_scatter_cuda(x, w, bias, group, chunks=None):
-    tp = resolve(group)
-    checks.check_gemm_reduce_scatter(x, w, bias, chunks, tp.world_size)
-    m, k = x.shape
-    n = w.shape[0]
-    rows_per_rank = m // tp.world_size
-    x_blocks = x.reshape(tp.world_size, rows_per_rank, k)  # (p, M / p, K)
-    n_chunks = plan_chunks(chunks, tp, x, m, n, k, rows_per_rank, "all_reduce")
+    tp, x_blocks, n_chunks = plan_gemm_reduce_scatter(x, w, bias, group, chunks)
+    rows_per_rank, n = x_blocks.shape[1], w.shape[0]
     out = x.new_empty((rows_per_rank, n))
     bounds = chunk_bounds(rows_per_rank, n_chunks)
     _reduce_pipeline(tp, [out[s:e] for s, e in bounds],
@@ -74,12 +64,8 @@ def _gemm_reduce_scatter_cuda(x, w, bias, group, chunks=None):
 
 
 def _allgather_gemm_cuda(x, w, bias, group, chunks=None):
-    checks.check_gemm(x, w, bias, chunks)
-    tp = resolve(group)
-    rows_per_rank, k = x.shape
-    n = w.shape[0]
-    p = tp.world_size
-    n_chunks = plan_chunks(chunks, tp, x, p * rows_per_rank, n, k, rows_per_rank, "all_gather")
+    tp, n_chunks = plan_allgather_gemm(x, w, bias, group, chunks)
+    rows_per_rank, n, p = x.shape[0], w.shape[0], tp.world_size
     out = x.new_empty((p, rows_per_rank, n))  # (p, M / p, N): block r <- rank r's input rows
     bounds = chunk_bounds(rows_per_rank, n_chunks)
     compute = torch.cuda.current_stream(x.device)
