@@ -32,6 +32,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import RESULTS_DIR, Row, Timing, markdown_table, measure, plot_lines, write_rows  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtypes(parser: argparse.ArgumentParser, text: str) -> list:
+    """--dtypes "fp32,bf16" -> ["fp32", "bf16"]; an unknown name is a usage error."""
+    names = [d.strip() for d in text.split(",")]
+    unknown = set(names) - set(DTYPES)
+    if unknown:
+        parser.error(f"--dtypes must be of {sorted(DTYPES)}, got {sorted(unknown)}")
+    return names
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M"
 
 
@@ -193,10 +202,7 @@ def main(argv=None) -> None:
     parser.add_argument("--name", default="all_reduce", help="results file name in bench/results/")
     args = parser.parse_args(argv)
     args.sizes = [parse_size(s) for s in args.sizes.split(",")]
-    args.dtypes = [d.strip() for d in args.dtypes.split(",")]
-    unknown = set(args.dtypes) - set(DTYPES)
-    if unknown:
-        parser.error(f"--dtypes must be of {sorted(DTYPES)}, got {sorted(unknown)}")
+    args.dtypes = parse_dtypes(parser, args.dtypes)
     rows = to_rows(launch(args.world_size, _bench_rank, args), args.world_size)
     print(f"wrote {write_rows(args.name, rows)}")
     print(markdown_table(rows, ["case", "dtype", "shape", "median_us", "p20_us", "p80_us", "gbps", "ratio",

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.all_reduce import DTYPES, launch, time_collective  # noqa: E402
+from bench.all_reduce import DTYPES, launch, parse_dtypes, time_collective  # noqa: E402
 from bench.common import RESULTS_DIR, Row, markdown_table, plot_lines, write_rows  # noqa: E402
 
 EPS = 1e-6
@@ -98,10 +98,7 @@ def main(argv=None) -> None:
     parser.add_argument("--name", default="allreduce_rmsnorm", help="results file name in bench/results/")
     args = parser.parse_args(argv)
     args.tokens = [int(t) for t in args.tokens.split(",")]
-    args.dtypes = [d.strip() for d in args.dtypes.split(",")]
-    unknown = set(args.dtypes) - set(DTYPES)
-    if unknown:
-        parser.error(f"--dtypes must be of {sorted(DTYPES)}, got {sorted(unknown)}")
+    args.dtypes = parse_dtypes(parser, args.dtypes)
     rows = to_rows(launch(args.world_size, _bench_rank, args), args.hidden, args.world_size)
     print(f"wrote {write_rows(args.name, rows)}")
     print(markdown_table(rows, ["case", "dtype", "shape", "median_us", "p20_us", "p80_us", "baseline", "ratio"]))
