@@ -340,9 +340,12 @@ ShmCommunicator::Algo ShmCommunicator::choose_algo(uint64_t total_bytes) const {
   return total_bytes <= static_cast<uint64_t>(one_shot_max_bytes_) ? Algo::kOneShot : Algo::kTwoShot;
 }
 
-void ShmCommunicator::arrive(const Call& call, const void* src, uint64_t bytes) {
+void ShmCommunicator::arrive(const Call& call, const void* src, uint64_t bytes, uint64_t own_lo, uint64_t own_hi) {
   const uint64_t seq = seq_;
-  std::memcpy(slot(rank_, seq), src, bytes);
+  char* mine_slot = slot(rank_, seq);
+  const char* in = static_cast<const char*>(src);
+  std::memcpy(mine_slot, in, own_lo);
+  std::memcpy(mine_slot + own_hi, in + own_hi, bytes - own_hi);
   RankControl& mine = control_[rank_];
   mine.calls[seq & 1] = CallRecord{seq, call.total_bytes, call.hidden, static_cast<uint32_t>(call.op),
                                    static_cast<uint32_t>(call.algo), static_cast<uint32_t>(call.dtype), 0};
@@ -454,14 +457,18 @@ at::Tensor ShmCommunicator::all_reduce(const at::Tensor& x, std::optional<at::Te
   do {  // at least one step, so that an empty call still meets (and is checked against) the others
     const int64_t count = std::min(step_elems, n - offset);
     ++seq_;
-    arrive(call, in + offset * elem, static_cast<uint64_t>(count * elem));
+    const uint64_t step_bytes = static_cast<uint64_t>(count * elem);
     if (call.algo == Algo::kOneShot) {
+      arrive(call, in + offset * elem, step_bytes, step_bytes, step_bytes);
       for (int r = 0; r < world_size_; ++r) srcs[r] = slot(r, seq_);
       reduce_sum(dtype, srcs, world_size_, count, result + offset * elem, nullptr);
     } else {
       const int64_t part = (count + world_size_ * part_align - 1) / (world_size_ * part_align) * part_align;
       const int64_t lo = std::min(count, rank_ * part), hi = std::min(count, lo + part);
+      // Only the parts the other ranks reduce are published; this rank reads its own part from x.
+      arrive(call, in + offset * elem, step_bytes, static_cast<uint64_t>(lo * elem), static_cast<uint64_t>(hi * elem));
       for (int r = 0; r < world_size_; ++r) srcs[r] = slot(r, seq_) + lo * elem;
+      srcs[rank_] = in + (offset + lo) * elem;
       // this rank's part, into its own slot (for the others) and into the result
       reduce_sum(dtype, srcs, world_size_, hi - lo, slot(rank_, seq_) + lo * elem, result + (offset + lo) * elem);
       control_[rank_].reduced.store(seq_, std::memory_order_release);  // matches the acquire in wait_for below
@@ -519,15 +526,19 @@ std::tuple<at::Tensor, at::Tensor> ShmCommunicator::allreduce_residual_rmsnorm(c
   do {
     const int64_t rows = std::min(rows_per_step, n_rows - row0);
     ++seq_;
-    arrive(call, in + row0 * row_bytes, static_cast<uint64_t>(rows * row_bytes));
+    const uint64_t step_bytes = static_cast<uint64_t>(rows * row_bytes);
     if (call.algo == Algo::kOneShot) {
+      arrive(call, in + row0 * row_bytes, step_bytes, step_bytes, step_bytes);
       for (int r = 0; r < world_size_; ++r) srcs[r] = slot(r, seq_);
       epilogue(srcs, world_size_, row0, rows, nullptr);
     } else {
       // rank r reduces rows [r * rows / W, (r + 1) * rows / W) of the step, whole rows so that it can
       // finish their norm too; the others then normalize those rows from its slot
       const int64_t lo = rank_ * rows / world_size_, hi = (rank_ + 1) * rows / world_size_;
+      arrive(call, in + row0 * row_bytes, step_bytes, static_cast<uint64_t>(lo * row_bytes),
+             static_cast<uint64_t>(hi * row_bytes));
       for (int r = 0; r < world_size_; ++r) srcs[r] = slot(r, seq_) + lo * row_bytes;
+      srcs[rank_] = in + (row0 + lo) * row_bytes;
       epilogue(srcs, world_size_, row0 + lo, hi - lo, slot(rank_, seq_) + lo * row_bytes);
       control_[rank_].reduced.store(seq_, std::memory_order_release);  // matches the acquire in wait_for below
       wait_for(true, "reduce-scatter");

@@ -10,8 +10,9 @@
 // acquire-load `arrived` before reading the slot. Reusing a parity at seq + 2 is safe without a second
 // barrier: a rank only arrives at seq + 1 after it finished reading everything of seq.
 //   one-shot (small): every rank sums all slots itself, in rank order.
-//   two-shot (large): rank r sums only its part of every slot, writes it back into its own slot and
-//     release-stores `reduced = seq`; then every rank copies the other parts from their owners' slots.
+//   two-shot (large): a rank publishes only the parts the others reduce; rank r sums its own part (its
+//     input's, then the peers' slots, in rank order), writes it into its own slot and release-stores
+//     `reduced = seq`; then every rank copies the other parts from their owners' slots.
 // Both give every rank the same bits (same code, same order; two-shot copies one rank's result).
 // Every wait times out naming the ranks that did not arrive; a mismatched call raises on every rank.
 #pragma once
@@ -86,9 +87,11 @@ class ShmCommunicator {
 
   void check_usable(const char* what) const;
   Algo choose_algo(uint64_t total_bytes) const;
-  // One step: this rank's part of the message is [src, src + bytes); the step's slot parity is seq_ % 2.
-  // Publishes, waits for every rank and checks that all describe the same call.
-  void arrive(const Call& call, const void* src, uint64_t bytes);
+  // One step: this rank's input of the step is [src, src + bytes); the step's slot parity is seq_ % 2.
+  // Publishes all of it but bytes [own_lo, own_hi) (the part this rank reduces itself in two-shot, read
+  // from src directly: copying it would only add traffic), waits for every rank and checks that all
+  // describe the same call.
+  void arrive(const Call& call, const void* src, uint64_t bytes, uint64_t own_lo, uint64_t own_hi);
   void wait_for(bool reduced_flag, const char* phase);
   void check_calls_match(const Call& call);
   [[noreturn]] void fail(const std::string& message);

@@ -25,15 +25,17 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "TP_KERNELS_COMM_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
-# Per rank and slot parity. Messages larger than a slot go in slot-sized steps, pipelined (a rank copies
-# step k + 1 in while the others still read step k). 1 MiB steps keep a step's working set (its input,
-# the peers' slots, the output part) within this host's L2 + L3 (1 MiB L2 per 2 cores, 8 MiB L3);
-# bench/all_reduce.py --slot-kib measures the alternatives. 2 ranks: a 4 MiB + 8 KiB segment.
-DEFAULT_SLOT_BYTES = 1 << 20
-# One-shot up to this size, two-shot above. With 2 ranks on this (loaded) 2-core host two-shot measured
-# as fast or faster from 4 KiB up (64 KiB fp32: 25 us vs 31 us; 1 MiB: 383 us vs 478 us, bench/all_reduce.py
-# --one-shot-max-kib 0 / 100000); one-shot keeps a single barrier for the tiniest messages, and its
-# world_size-fold reads matter more at 4+ ranks.
+# Per rank and slot parity. Messages larger than a slot go in slot-sized steps. Small steps keep a step's
+# working set (the slots of both parities of every rank) inside the cores' caches while the input and
+# output stream through: with 2 ranks pinned to the 2 cores of the CI host, interleaved A/B runs measured
+# (fp32, median us) 1 MiB: 332 / 191 / 159 / 175 and 16 MiB: 7369 / 6017 / 6005 / 6207 for 1024 / 512 /
+# 256 / 128 KiB slots, and the same 35 us at 256 KiB for all but 128 KiB. 2 ranks: a 1 MiB + 8 KiB segment.
+# bench/all_reduce.py --slot-kib measures the alternatives.
+DEFAULT_SLOT_BYTES = 256 << 10
+# One-shot up to this size, two-shot above. With 2 ranks on the 2-core CI host the two are within noise
+# of each other up to 16 KiB (4 KiB: 2.8-2.9 us either way), and two-shot wins above (64 KiB fp32: 13.4 us
+# vs 18.4 us one-shot); one-shot keeps a single barrier for the tiniest messages, and its world_size-fold
+# reads matter more at 4+ ranks.
 DEFAULT_ONE_SHOT_MAX_BYTES = 16 << 10
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
