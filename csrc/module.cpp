@@ -10,7 +10,8 @@ bool built_with_cuda() {
   return false;
 #endif
 }
-void bind_shm(pybind11::module& m);  // csrc/cpu/shm_bindings.cpp
+void bind_shm(pybind11::module& m);      // csrc/cpu/shm_bindings.cpp
+void bind_shm_ops(pybind11::module& m);  // csrc/cpu/shm_ops.cpp
 }  // namespace tp_kernels
 
 #ifdef TP_KERNELS_WITH_CUDA
@@ -21,6 +22,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "tp_kernels C++/CUDA extension";
   m.def("built_with_cuda", &tp_kernels::built_with_cuda, "whether the CUDA sources were compiled in");
   tp_kernels::bind_shm(m);
+  tp_kernels::bind_shm_ops(m);
 #ifdef TP_KERNELS_WITH_CUDA
   bind_cuda_ipc(m);
 #endif

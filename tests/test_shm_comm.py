@@ -4,7 +4,7 @@ rank, the fused all-reduce + residual + RMSNorm, opcheck of both ops, and 10,000
 
 Inputs are generated inside each rank from (seed, rank) and regenerated here for the reference, so large
 messages are not shipped to every rank. A private communicator with 4 KiB slots makes messages of a few
-thousand elements span several slots; the group's default communicator (1 MiB slots) is used through
+thousand elements span several slots; the group's default communicator (256 KiB slots) is used through
 the ops.
 """
 import pytest
@@ -41,10 +41,14 @@ def _sums_rank(tp, seed, cases, big_numel):
             out = poison_like(x)
             y = comm.all_reduce(x, out)
             assert y.data_ptr() == out.data_ptr()
+            # in place (out aliasing x; two-shot reads this rank's own part from x) gives the same bits
+            x_again = x.clone()
+            in_place = comm.all_reduce(x_again, x_again)
+            assert torch.equal(in_place, y), f"in place differs: {algo} {dtype} n={numel}"
             results.append(y)
     finally:
         comm.close()
-    # the group's own chain: auto picks shm for CPU floats; a message over the default 1 MiB slot
+    # the group's own chain: auto picks shm for CPU floats; a message over several default 256 KiB slots
     x = _input(seed - 1, tp.rank, (big_numel,), torch.float32)
     chosen = tp.communicator_for(x).name
     y_auto = ops.all_reduce(x, tp)
@@ -187,3 +191,62 @@ def test_ten_thousand_back_to_back_calls(seed):
     for rank, (failures, steps) in enumerate(results):
         assert failures == [], f"rank {rank}: {len(failures)} wrong results, first {failures[:5]}"
         assert steps > n_calls  # some calls spanned several slots
+
+
+def _native_path_rank(tp, seed):
+    """Which calls the C++ CPU kernels serve themselves and which they hand to the Python chain: spies
+    replace the Python implementations for the duration."""
+    from tp_kernels._extension import _C
+    from tp_kernels.distributed import IdentityCommunicator, TorchCommunicator, TPGroup
+    from tp_kernels.ops import native
+
+    handed_to_python = []
+
+    def spy_all_reduce(x, group, algo):
+        handed_to_python.append(("all_reduce", group == tp.name, algo, str(x.dtype)))
+        return native._all_reduce(x, group, algo)
+
+    def spy_fused(x, residual, weight, eps, group):
+        handed_to_python.append(("fused", group == tp.name, x.shape[-1]))
+        return native._allreduce_residual_rmsnorm(x, residual, weight, eps, group)
+
+    x = _input(seed, tp.rank, (3, 50), torch.float32)
+    residual = _input(seed, 100, (3, 50), torch.float32)
+    weight = _input(seed, 101, (50,), torch.float32)
+    wide = tp.communicators[1].slot_bytes // 4 + 1  # fp32 rows one element wider than a slot
+    gloo_only = TPGroup(rank=tp.rank, world_size=tp.world_size, name=f"{tp.name}/gloo-only",
+                        process_group=tp.process_group,
+                        communicators=[IdentityCommunicator(tp.world_size), TorchCommunicator(tp.process_group)])
+    seen = {}
+    _C.set_cpu_collective_fallbacks(spy_all_reduce, spy_fused)
+    try:
+        native_sum = ops.all_reduce(x, tp)
+        native_fused = ops.allreduce_residual_rmsnorm(x, residual, weight, 1e-6, tp)
+        seen["shm group, plain calls"] = list(handed_to_python)
+        ops.all_reduce(x, tp, algo="torch")
+        ops.all_reduce(x.double(), tp)
+        ops.all_reduce(x, gloo_only)
+        ops.allreduce_residual_rmsnorm(torch.ones(1, wide), torch.ones(1, wide), torch.ones(wide), 1e-6, tp)
+        with pytest.raises(ValueError, match="weight"):
+            ops.allreduce_residual_rmsnorm(x, residual, weight[:-1], 1e-6, tp)
+        seen["all"] = list(handed_to_python)
+    finally:
+        _C.set_cpu_collective_fallbacks(native._all_reduce, native._allreduce_residual_rmsnorm)
+        gloo_only.close()
+    python_sum = tp.communicator_for(x).all_reduce(x)
+    python_fused = tp.communicator_for(x).allreduce_residual_rmsnorm(x, residual, weight, 1e-6)
+    same = torch.equal(native_sum, python_sum) and all(map(torch.equal, native_fused, python_fused))
+    return seen, same
+
+
+def test_cpu_ops_skip_python_for_shm_groups(seed):
+    """all_reduce / allreduce_residual_rmsnorm on a group whose CPU chain starts with shm run in C++
+    (csrc/cpu/shm_ops.cpp); everything else reaches the Python chain, errors included."""
+    for rank, (seen, same) in enumerate(spawn_ranks(2, _native_path_rank, seed)):
+        assert seen["shm group, plain calls"] == [], f"rank {rank}: plain shm calls went through Python"
+        assert seen["all"] == [("all_reduce", True, "torch", "torch.float32"),
+                               ("all_reduce", True, "auto", "torch.float64"),
+                               ("all_reduce", False, "auto", "torch.float32"),
+                               ("fused", True, seen["all"][3][2]),
+                               ("fused", True, 50)], f"rank {rank}: {seen['all']}"
+        assert same, f"rank {rank}: the C++ path and the Python chain disagree"

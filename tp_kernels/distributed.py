@@ -117,6 +117,24 @@ class TPGroup:
             self.communicators = [IdentityCommunicator(self.world_size), *fast_paths,
                                   TorchCommunicator(self.process_group)]
         _GROUPS[self.name] = self
+        self._register_native_cpu_path()
+
+    def _register_native_cpu_path(self) -> None:
+        """Hand the C++ CPU kernels of all_reduce / allreduce_residual_rmsnorm (csrc/cpu/shm_ops.cpp) this
+        group's shm communicator when the chain picks it for every CPU dtype it reduces, so that those op
+        calls skip Python; otherwise drop whatever an earlier group of this name registered."""
+        from tp_kernels._extension import _C  # imported here: tp_kernels.comm imports this module
+
+        if _C is None:
+            return
+        from tp_kernels.comm.shm import SUPPORTED_DTYPES, ShmCommunicator
+
+        def first_applicable(x: torch.Tensor) -> Optional[Communicator]:
+            return next((c for c in self.communicators if c.applies(x)), None)
+
+        shm = next((c for c in self.communicators if isinstance(c, ShmCommunicator)), None)
+        chosen = shm is not None and all(first_applicable(torch.empty(0, dtype=d)) is shm for d in SUPPORTED_DTYPES)
+        _C.register_shm_group(self.name, shm._native if chosen else None)
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -190,7 +208,12 @@ class TPGroup:
         """Release the communicators' resources and forget the name. The process group is the caller's."""
         for comm in self.communicators:
             comm.close()
-        _GROUPS.pop(self.name, None)
+        if _GROUPS.get(self.name) is self:
+            _GROUPS.pop(self.name)
+            from tp_kernels._extension import _C
+
+            if _C is not None:
+                _C.register_shm_group(self.name, None)
 
 
 def resolve(name: str) -> TPGroup:

@@ -9,6 +9,7 @@ replaces the "cuda" entry here.
 import torch
 
 from tp_kernels import reference
+from tp_kernels._extension import _C
 from tp_kernels.distributed import resolve
 from tp_kernels.ops import checks
 
@@ -51,6 +52,10 @@ def _allreduce_residual_rmsnorm(x, residual, weight, eps, group):
 # qkv_rope's CUDA implementation is the Triton kernel (tp_kernels.ops.triton_impls)
 torch.library.register_kernel("tp_kernels::qkv_rope", "cpu", _qkv_rope)
 torch.library.register_kernel("tp_kernels::qkv_rope_kv_cache", "cpu", _qkv_rope_kv_cache)
-torch.library.register_kernel("tp_kernels::all_reduce", CPU_AND_CUDA, _all_reduce)
 torch.library.register_kernel("tp_kernels::all_gather", CPU_AND_CUDA, _all_gather)
-torch.library.register_kernel("tp_kernels::allreduce_residual_rmsnorm", CPU_AND_CUDA, _allreduce_residual_rmsnorm)
+# all_reduce and allreduce_residual_rmsnorm have C++ CPU kernels (csrc/cpu/shm_ops.cpp) that serve groups
+# whose CPU chain starts with the shm communicator without a trip through Python, and call these for the
+# rest of the chain.
+torch.library.register_kernel("tp_kernels::all_reduce", "cuda", _all_reduce)
+torch.library.register_kernel("tp_kernels::allreduce_residual_rmsnorm", "cuda", _allreduce_residual_rmsnorm)
+_C.set_cpu_collective_fallbacks(_all_reduce, _allreduce_residual_rmsnorm)
