@@ -10,8 +10,11 @@ Writes bench/results/all_reduce.{csv,json} and all_reduce_{latency,algbw}.png.
 Paths, each timed back to back on every rank (rank 0's times are reported):
   shm-direct  ShmCommunicator.all_reduce(x): the communicator call, output allocated per call
   shm-direct-out  ShmCommunicator.all_reduce(x, out): into a preallocated output (no page faults)
+  shm-inplace ShmCommunicator.all_reduce(buf, buf): in place, like gloo and DeepSpeed's inference_all_reduce
   shm-op      tp_kernels.ops.all_reduce(x, tp): the torch op (dispatcher + Python impl + chain lookup)
   gloo        torch.distributed.all_reduce(buf, group) in place on a preallocated buffer
+Rank r runs on core r (mod the core count) unless --no-bind: on a 2-core host an unbound pair of spinning
+ranks is sometimes scheduled onto one core, which turns a 40 us call into a millisecond one.
 Floor: an all-reduce must at least copy its N-byte input to where the peers can read it and write the
 N-byte result, so `floor = 2 x (time of one N-byte single-core copy, measured in the same run)`.
 """
@@ -81,6 +84,8 @@ def launch(world_size: int, fn: Callable, args: argparse.Namespace) -> list:
 
 def _rank_main(rank, world_size, init_file, fn, args, results):
     torch.set_num_threads(1)  # one core per rank: more threads only oversubscribe a small host
+    if args.bind:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % len(os.sched_getaffinity(0))]})
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=300))
     from tp_kernels.distributed import TPGroup
@@ -149,6 +154,7 @@ def _bench_rank(tp, args) -> List[dict]:
         paths = {
             "shm-direct": lambda: comm.all_reduce(x),
             "shm-direct-out": lambda: comm.all_reduce(x, out),
+            "shm-inplace": lambda: comm.all_reduce(buf, buf),
             "shm-op": lambda: ops.all_reduce(x, tp),
             "gloo": lambda: dist.all_reduce(buf, group=tp.process_group),
         }
@@ -199,6 +205,7 @@ def main(argv=None) -> None:
     parser.add_argument("--slot-kib", type=int, default=None, help="use a communicator with this slot size")
     parser.add_argument("--one-shot-max-kib", type=int, default=None, help="one-shot up to this size, two-shot above")
     parser.add_argument("--no-gloo", action="store_true", help="skip the gloo rows (and ratios)")
+    parser.add_argument("--no-bind", dest="bind", action="store_false", help="do not pin rank r to core r")
     parser.add_argument("--name", default="all_reduce", help="results file name in bench/results/")
     args = parser.parse_args(argv)
     args.sizes = [parse_size(s) for s in args.sizes.split(",")]

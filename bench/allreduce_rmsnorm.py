@@ -96,6 +96,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma separated, of fp32, bf16, fp16")
     parser.add_argument("--budget-s", type=float, default=0.3, help="target seconds of timed calls per case")
     parser.add_argument("--name", default="allreduce_rmsnorm", help="results file name in bench/results/")
+    parser.add_argument("--no-bind", dest="bind", action="store_false", help="do not pin rank r to core r")
     args = parser.parse_args(argv)
     args.tokens = [int(t) for t in args.tokens.split(",")]
     args.dtypes = parse_dtypes(parser, args.dtypes)
