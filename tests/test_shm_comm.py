@@ -19,6 +19,8 @@ SMALL_SLOT_BYTES = 4096
 # 4 KiB slots hold 1024 fp32 / 2048 half elements: sizes around and well past one slot, odd counts
 SIZES = (0, 1, 3, 17, 255, 1023, 1024, 1025, 2049, 3 * 2048 + 7, 4 * 4096 + 3)
 ALGOS = {"one-shot": 1 << 40, "two-shot": 0}  # one_shot_max_bytes forcing each algorithm
+# all_reduce also has a two-shot variant that writes its output with non-temporal stores (large messages)
+SUM_ALGOS = (*ALGOS, "two-shot streamed")
 
 
 def _input(seed: int, rank: int, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -36,9 +38,10 @@ def _sums_rank(tp, seed, cases, big_numel):
     try:
         results = []
         for case, (algo, dtype, numel) in enumerate(cases):
-            comm.one_shot_max_bytes = ALGOS[algo]
+            comm.one_shot_max_bytes = ALGOS.get(algo, 0)
+            comm.stream_min_bytes = 0 if algo == "two-shot streamed" else 1 << 40
             x = _input(seed + case, tp.rank, (numel,), dtype)
-            out = poison_like(x)
+            out = poison_like(torch.empty(numel + 1, dtype=dtype))[1:]  # not 16-byte aligned
             y = comm.all_reduce(x, out)
             assert y.data_ptr() == out.data_ptr()
             # in place (out aliasing x; two-shot reads this rank's own part from x) gives the same bits
@@ -59,7 +62,7 @@ def _sums_rank(tp, seed, cases, big_numel):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_all_reduce_matches_reference(world_size, seed):
-    cases = [(algo, dtype, n) for algo in ALGOS for dtype in DTYPES for n in SIZES]
+    cases = [(algo, dtype, n) for algo in SUM_ALGOS for dtype in DTYPES for n in SIZES]
     big_numel = (1 << 18) + 12_345  # > 1 MiB of fp32
     results = spawn_ranks(world_size, _sums_rank, seed, cases, big_numel)
     for case, (algo, dtype, numel) in enumerate(cases):
@@ -167,6 +170,7 @@ def _back_to_back_rank(tp, seed, n_calls):
     stale or misplaced element shows as a wrong value."""
     comm = _small_slot_comm(tp)
     comm.one_shot_max_bytes = 2048  # both algorithms, and multi-slot messages, in the mix
+    comm.stream_min_bytes = 6000  # and two-shot calls with ordinary and with non-temporal output stores
     g = torch.Generator().manual_seed(seed)
     sizes = torch.randint(1, 3000, (n_calls,), generator=g).tolist()
     kinds = torch.randint(0, len(DTYPES), (n_calls,), generator=g).tolist()

@@ -243,10 +243,12 @@ def test_two_groups_do_not_interfere():
 def _bad_args_rank(tp):
     errors = {}
     comm = tp.communicator_for(torch.ones(1))
+    buffer = torch.ones(6)
     for name, call in {
         "float64 through algo=shm": lambda: ops.all_reduce(torch.ones(3, dtype=torch.float64), tp, algo="shm"),
         "int32 to the communicator": lambda: comm.all_reduce(torch.ones(3, dtype=torch.int32)),
         "out of another shape": lambda: comm.all_reduce(torch.ones(3), torch.empty(4)),
+        "out overlapping x": lambda: comm.all_reduce(buffer[:4], buffer[2:]),
         "unknown algo": lambda: ops.all_reduce(torch.ones(3), tp, algo="ipc-over-carrier-pigeon"),
     }.items():
         with pytest.raises(ValueError) as err:
@@ -262,6 +264,7 @@ def test_bad_arguments_raise_value_error():
         assert "does not apply to a torch.float64" in errors["float64 through algo=shm"]
         assert "x must be float32, float16 or bfloat16" in errors["int32 to the communicator"]
         assert "out must have x's shape and dtype" in errors["out of another shape"]
+        assert "out must be x itself (in place) or not overlap x" in errors["out overlapping x"]
         assert "'shm'" in errors["unknown algo"]
         assert errors["after"] == [2.0, 2.0]
     with pytest.raises(ValueError, match="slot_bytes must be a positive multiple of 4096"):

@@ -36,6 +36,7 @@ void bind_shm(pybind11::module& m) {
       .def_property("timeout_s", &ShmCommunicator::timeout_s, &ShmCommunicator::set_timeout_s)
       .def_property("one_shot_max_bytes", &ShmCommunicator::one_shot_max_bytes,
                     &ShmCommunicator::set_one_shot_max_bytes)
+      .def_property("stream_min_bytes", &ShmCommunicator::stream_min_bytes, &ShmCommunicator::set_stream_min_bytes)
       .def_property_readonly_static("reduce_isa", [](py::object) { return std::string(shm::reduce_isa()); });
 }
 

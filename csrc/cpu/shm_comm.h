@@ -65,6 +65,11 @@ class ShmCommunicator {
   // (it is part of every call's description, so a difference raises instead of corrupting).
   int64_t one_shot_max_bytes() const { return one_shot_max_bytes_; }
   void set_one_shot_max_bytes(int64_t bytes);
+  // Two-shot all-reduces of at least this many bytes write their output with non-temporal stores (a
+  // local choice: the ranks need not agree). Default: where the group's inputs and outputs together
+  // (2 x world_size x bytes) exceed the L3 cache, the size from which they stream from memory anyway.
+  int64_t stream_min_bytes() const { return stream_min_bytes_; }
+  void set_stream_min_bytes(int64_t bytes);
   bool closed() const { return base_ == nullptr; }
   uint64_t sequence() const { return seq_; }
 
@@ -105,6 +110,7 @@ class ShmCommunicator {
   int64_t slot_bytes_;
   double timeout_s_;
   int64_t one_shot_max_bytes_;
+  int64_t stream_min_bytes_;
   size_t mapped_bytes_ = 0;
   char* base_ = nullptr;
   SegmentHeader* header_ = nullptr;

@@ -5,6 +5,8 @@
 
 #include <c10/util/Half.h>
 
+#include <algorithm>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -84,6 +86,27 @@ void reduce_residual_rmsnorm(DType dtype, const void* const* srcs, int n_srcs, i
 }
 
 const char* reduce_isa() { return variant().name; }
+
+void copy_streaming(void* dst, const void* src, int64_t bytes) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+#if defined(__x86_64__) && defined(__GNUC__)
+  const int64_t head = std::min<int64_t>(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+  std::memcpy(d, s, head);
+  d += head, s += head, bytes -= head;
+  for (; bytes >= 64; bytes -= 64, d += 64, s += 64) {
+    for (int k = 0; k < 64; k += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + k), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k)));
+  }
+#endif
+  std::memcpy(d, s, bytes);
+}
+
+void streaming_fence() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  _mm_sfence();
+#endif
+}
 
 }  // namespace shm
 }  // namespace tp_kernels

@@ -14,7 +14,8 @@ int64_t dtype_size(DType dtype);
 const char* dtype_name(DType dtype);
 
 // out[i] = T(sum_{r < n_srcs} float(srcs[r][i])) for i < n, summed in the order r = 0, 1, ...;
-// also written to out2 when it is not null. srcs may alias out (block-wise: a block is read before written).
+// also written to out2 when it is not null. A source may be out or out2 itself (element i is read before
+// element i is written), not overlap them otherwise.
 void reduce_sum(DType dtype, const void* const* srcs, int n_srcs, int64_t n, void* out, void* out2);
 
 // For each of n_rows rows of hidden elements (row offsets row * hidden in every buffer):
@@ -26,6 +27,12 @@ void reduce_sum(DType dtype, const void* const* srcs, int n_srcs, int64_t n, voi
 void reduce_residual_rmsnorm(DType dtype, const void* const* srcs, int n_srcs, int64_t n_rows, int64_t hidden,
                              const void* residual, const void* weight, float eps, void* normed,
                              void* new_residual, void* x_out);
+
+// memcpy with non-temporal (cache-bypassing) stores where the CPU has them (SSE2 on x86-64): for outputs
+// larger than the caches, which an ordinary store would first read from memory. Call streaming_fence()
+// after the last one, before the data is handed to anyone else.
+void copy_streaming(void* dst, const void* src, int64_t bytes);
+void streaming_fence();
 
 // "avx2+f16c" or "baseline": which compiled variant the CPU runs (chosen once, at load).
 const char* reduce_isa();

@@ -175,6 +175,16 @@ class ShmCommunicator(Communicator):
         self._native.one_shot_max_bytes = value
 
     @property
+    def stream_min_bytes(self) -> int:
+        """Two-shot all-reduces of at least this many bytes write their output with non-temporal stores
+        (default: where 2 x world_size x bytes exceeds the L3 cache). A local choice; ranks may differ."""
+        return self._native.stream_min_bytes
+
+    @stream_min_bytes.setter
+    def stream_min_bytes(self, value: int) -> None:
+        self._native.stream_min_bytes = value
+
+    @property
     def slot_bytes(self) -> int:
         return self._native.slot_bytes
 
