@@ -135,6 +135,7 @@ def _bench_rank(tp, args) -> List[dict]:
         raise RuntimeError(f"expected the shm communicator in the chain, got {comm.name}")
     if args.one_shot_max_kib is not None:
         comm.one_shot_max_bytes = args.one_shot_max_kib * 1024
+    comm.publish_stores = args.publish_stores
     if args.slot_kib is not None:  # a private communicator with another slot size (collective)
         from tp_kernels.comm.shm import ShmCommunicator
 
@@ -142,6 +143,7 @@ def _bench_rank(tp, args) -> List[dict]:
                                slot_bytes=args.slot_kib * 1024)
         if args.one_shot_max_kib is not None:
             comm.one_shot_max_bytes = args.one_shot_max_kib * 1024
+        comm.publish_stores = args.publish_stores
     cases = [(dtype_name, size) for dtype_name in args.dtypes for size in args.sizes]
     records = []
     bar = tqdm(cases, desc="all_reduce", disable=tp.rank != 0)
@@ -165,11 +167,13 @@ def _bench_rank(tp, args) -> List[dict]:
             bar.set_postfix_str(f"{dtype_name} {size_label(n_bytes)} {path}")
             records.append(dict(path=path, dtype=dtype_name, n_bytes=n_bytes, timing=time_collective(fn, budget)))
         copy = measure(lambda: dst.copy_(src), warmup=3, repeats=max(10, min(2000, int(2e9 / max(n_bytes, 1)))))
-        records.append(dict(path="copy", dtype=dtype_name, n_bytes=n_bytes, timing=copy))
+        # rank 0's learned cost of either kind of publishing stores for this size, after its calls
+        records.append(dict(path="copy", dtype=dtype_name, n_bytes=n_bytes, timing=copy,
+                            store_estimates=comm._native.store_estimates(n_bytes)))
     if args.slot_kib is not None:
         comm.close()
     return [dict(r, isa=type(comm._native).reduce_isa, slot_bytes=comm.slot_bytes,
-                 one_shot_max_bytes=comm.one_shot_max_bytes) for r in records]
+                 one_shot_max_bytes=comm.one_shot_max_bytes, publish_stores=comm.publish_stores) for r in records]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,7 +189,7 @@ def to_rows(records: List[dict], world_size: int) -> List[Row]:
         floor_s = 2 * by_key[("copy", r["dtype"], n_bytes)].median_s
         gloo = by_key.get(("gloo", r["dtype"], n_bytes))
         config = (f"path={r['path']} slot={r['slot_bytes']} one_shot_max={r['one_shot_max_bytes']} "
-                  f"isa={r['isa']}")
+                  f"publish_stores={r['publish_stores']} isa={r['isa']}")
         rows.append(Row.from_timing(
             "all_reduce", r["path"], t, config=config, dtype=r["dtype"], shape=size_label(n_bytes),
             world_size=world_size, gbps=n_bytes / t.median_s / 1e9, ceiling_fraction=floor_s / t.median_s,
@@ -205,13 +209,24 @@ def main(argv=None) -> None:
     parser.add_argument("--slot-kib", type=int, default=None, help="use a communicator with this slot size")
     parser.add_argument("--one-shot-max-kib", type=int, default=None, help="one-shot up to this size, two-shot above")
     parser.add_argument("--no-gloo", action="store_true", help="skip the gloo rows (and ratios)")
+    parser.add_argument("--publish-stores", default="auto", choices=["auto", "ordinary", "non-temporal"],
+                        help="how two-shot calls publish into the slots (ShmCommunicator.publish_stores)")
     parser.add_argument("--no-bind", dest="bind", action="store_false", help="do not pin rank r to core r")
     parser.add_argument("--name", default="all_reduce", help="results file name in bench/results/")
     args = parser.parse_args(argv)
     args.sizes = [parse_size(s) for s in args.sizes.split(",")]
     args.dtypes = parse_dtypes(parser, args.dtypes)
-    rows = to_rows(launch(args.world_size, _bench_rank, args), args.world_size)
+    records = launch(args.world_size, _bench_rank, args)
+    rows = to_rows(records, args.world_size)
     print(f"wrote {write_rows(args.name, rows)}")
+    if args.publish_stores == "auto":
+        print("rank 0's learned two-shot cost per byte by kind of publishing stores (publish_stores='auto'; "
+              "0: not measured, below 64 KiB or one-shot):")
+        for r in records:
+            if r["path"] == "copy":
+                ordinary, non_temporal = (v * 1e9 for v in r["store_estimates"])
+                print(f"  {r['dtype']} {size_label(r['n_bytes'])}: ordinary {ordinary:.3f} ns/B, non-temporal "
+                      f"{non_temporal:.3f} ns/B")
     print(markdown_table(rows, ["case", "dtype", "shape", "median_us", "p20_us", "p80_us", "gbps", "ratio",
                                 "ceiling_fraction"]))
     for metric, label in (("median_us", "latency (us)"), ("gbps", "algbw (GB/s)")):

@@ -19,8 +19,15 @@ SMALL_SLOT_BYTES = 4096
 # 4 KiB slots hold 1024 fp32 / 2048 half elements: sizes around and well past one slot, odd counts
 SIZES = (0, 1, 3, 17, 255, 1023, 1024, 1025, 2049, 3 * 2048 + 7, 4 * 4096 + 3)
 ALGOS = {"one-shot": 1 << 40, "two-shot": 0}  # one_shot_max_bytes forcing each algorithm
-# all_reduce also has a two-shot variant that writes its output with non-temporal stores (large messages)
-SUM_ALGOS = (*ALGOS, "two-shot streamed")
+# all_reduce's two-shot also comes with non-temporal stores for its output (large messages) and for what
+# it publishes in its slot: (one_shot_max_bytes, stream_min_bytes, publish_stores) forcing each variant
+SUM_ALGOS = {
+    "one-shot": (1 << 40, 1 << 40, "ordinary"),
+    "two-shot": (0, 1 << 40, "ordinary"),
+    "two-shot, streamed output": (0, 0, "ordinary"),
+    "two-shot, non-temporal publishing": (0, 1 << 40, "non-temporal"),
+    "two-shot, both non-temporal": (0, 0, "non-temporal"),
+}
 
 
 def _input(seed: int, rank: int, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -38,8 +45,7 @@ def _sums_rank(tp, seed, cases, big_numel):
     try:
         results = []
         for case, (algo, dtype, numel) in enumerate(cases):
-            comm.one_shot_max_bytes = ALGOS.get(algo, 0)
-            comm.stream_min_bytes = 0 if algo == "two-shot streamed" else 1 << 40
+            comm.one_shot_max_bytes, comm.stream_min_bytes, comm.publish_stores = SUM_ALGOS[algo]
             x = _input(seed + case, tp.rank, (numel,), dtype)
             out = poison_like(torch.empty(numel + 1, dtype=dtype))[1:]  # not 16-byte aligned
             y = comm.all_reduce(x, out)
@@ -254,3 +260,32 @@ def test_cpu_ops_skip_python_for_shm_groups(seed):
                                ("fused", True, seen["all"][3][2]),
                                ("fused", True, 50)], f"rank {rank}: {seen['all']}"
         assert same, f"rank {rank}: the C++ path and the Python chain disagree"
+
+
+def _learned_stores_rank(tp, seed, n_calls):
+    """Two-shot calls large enough to be timed, with publish_stores="auto": rank 0 must measure both kinds
+    of stores, and every result must be exact while the ranks switch (integer-valued inputs)."""
+    comm = ShmCommunicator(tp.process_group, tp.rank, tp.world_size, f"{tp.name}/test-learned-stores",
+                           slot_bytes=64 << 10)
+    assert comm.publish_stores == "auto"
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(16 << 10, 32 << 10, (n_calls,), generator=g).tolist()  # fp32: 64-128 KiB, one class
+    wrong = 0
+    try:
+        for call, numel in enumerate(sizes):
+            x = (torch.arange(numel, dtype=torch.float32) % 31) + (call % 5 + tp.rank)
+            expected = (torch.arange(numel, dtype=torch.float32) % 31) * tp.world_size + (
+                (call % 5) * tp.world_size + tp.world_size * (tp.world_size - 1) // 2)
+            wrong += not torch.equal(comm.all_reduce(x), expected)
+        return wrong, comm._native.store_estimates(64 << 10)
+    finally:
+        comm.close()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_learned_store_kind_is_exact_and_measures_both(world_size, seed):
+    results = spawn_ranks(world_size, _learned_stores_rank, seed, 64)
+    for rank, (wrong, _) in enumerate(results):
+        assert wrong == 0, f"rank {rank}: {wrong} wrong results"
+    ordinary, non_temporal = results[0][1]
+    assert ordinary > 0 and non_temporal > 0, "rank 0 must have timed both kinds of stores"

@@ -249,6 +249,7 @@ def _bad_args_rank(tp):
         "int32 to the communicator": lambda: comm.all_reduce(torch.ones(3, dtype=torch.int32)),
         "out of another shape": lambda: comm.all_reduce(torch.ones(3), torch.empty(4)),
         "out overlapping x": lambda: comm.all_reduce(buffer[:4], buffer[2:]),
+        "unknown publish_stores": lambda: setattr(comm, "publish_stores", "sometimes"),
         "unknown algo": lambda: ops.all_reduce(torch.ones(3), tp, algo="ipc-over-carrier-pigeon"),
     }.items():
         with pytest.raises(ValueError) as err:
@@ -265,6 +266,7 @@ def test_bad_arguments_raise_value_error():
         assert "x must be float32, float16 or bfloat16" in errors["int32 to the communicator"]
         assert "out must have x's shape and dtype" in errors["out of another shape"]
         assert "out must be x itself (in place) or not overlap x" in errors["out overlapping x"]
+        assert "publish_stores must be 'auto', 'ordinary' or 'non-temporal'" in errors["unknown publish_stores"]
         assert "'shm'" in errors["unknown algo"]
         assert errors["after"] == [2.0, 2.0]
     with pytest.raises(ValueError, match="slot_bytes must be a positive multiple of 4096"):

@@ -37,6 +37,9 @@ void bind_shm(pybind11::module& m) {
       .def_property("one_shot_max_bytes", &ShmCommunicator::one_shot_max_bytes,
                     &ShmCommunicator::set_one_shot_max_bytes)
       .def_property("stream_min_bytes", &ShmCommunicator::stream_min_bytes, &ShmCommunicator::set_stream_min_bytes)
+      .def_property("publish_stores", &ShmCommunicator::store_mode, &ShmCommunicator::set_store_mode)
+      .def("store_estimates", &ShmCommunicator::store_estimates, py::arg("bytes"),
+           "Rank 0: (ordinary, non-temporal) mean seconds per byte of two-shot calls of this size class.")
       .def_property_readonly_static("reduce_isa", [](py::object) { return std::string(shm::reduce_isa()); });
 }
 

@@ -35,7 +35,7 @@ namespace shm {
 
 namespace {
 constexpr uint64_t kMagic = 0x314d48535f4b5054ull;  // "TPK_SHM1"
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;
 // Default one-shot limit; tp_kernels/comm/shm.py sets the same value (DEFAULT_ONE_SHOT_MAX_BYTES) with the
 // measurement behind it.
 constexpr int64_t kDefaultOneShotMaxBytes = 16 * 1024;
@@ -77,6 +77,9 @@ struct alignas(64) RankControl {
   alignas(64) std::atomic<uint64_t> reduced;  // last seq whose two-shot part this rank has reduced
   alignas(64) std::atomic<uint32_t> attached;  // 1 once this rank mapped the segment
   int32_t pid;
+  // rank 0's only: bit c set when two-shot calls of size class c should publish with non-temporal stores
+  // (StorePolicy)
+  alignas(64) std::atomic<uint32_t> non_temporal_classes;
 };
 
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "cross-process atomics must be lock-free");
@@ -357,12 +360,19 @@ ShmCommunicator::Algo ShmCommunicator::choose_algo(uint64_t total_bytes) const {
   return total_bytes <= static_cast<uint64_t>(one_shot_max_bytes_) ? Algo::kOneShot : Algo::kTwoShot;
 }
 
-void ShmCommunicator::arrive(const Call& call, const void* src, uint64_t bytes, uint64_t own_lo, uint64_t own_hi) {
+void ShmCommunicator::arrive(const Call& call, const void* src, uint64_t bytes, uint64_t own_lo, uint64_t own_hi,
+                             bool non_temporal) {
   const uint64_t seq = seq_;
   char* mine_slot = slot(rank_, seq);
   const char* in = static_cast<const char*>(src);
-  std::memcpy(mine_slot, in, own_lo);
-  std::memcpy(mine_slot + own_hi, in + own_hi, bytes - own_hi);
+  if (non_temporal) {
+    copy_streaming(mine_slot, in, own_lo);
+    copy_streaming(mine_slot + own_hi, in + own_hi, bytes - own_hi);
+    streaming_fence();  // non-temporal stores are not ordered by the release store below
+  } else {
+    std::memcpy(mine_slot, in, own_lo);
+    std::memcpy(mine_slot + own_hi, in + own_hi, bytes - own_hi);
+  }
   RankControl& mine = control_[rank_];
   mine.calls[seq & 1] = CallRecord{seq, call.total_bytes, call.hidden, static_cast<uint32_t>(call.op),
                                    static_cast<uint32_t>(call.algo), static_cast<uint32_t>(call.dtype), 0};
@@ -478,27 +488,45 @@ at::Tensor ShmCommunicator::all_reduce(const at::Tensor& x, std::optional<at::Te
   // place: there the step's lines of x were just read, are in cache, and evicting them cost 11% at 16 MiB
   // (out of place it measured neutral to 1.35x faster, depending on how the host placed the two cores).
   const bool stream = call.algo == Algo::kTwoShot && n * elem >= stream_min_bytes_ && !in_place;
+  // How this rank publishes into its slot (see shm_store_policy.h); timed on rank 0 when learned.
+  const bool timed = call.algo == Algo::kTwoShot && store_mode_ == StorePolicy::Mode::kAuto &&
+                     call.total_bytes >= StorePolicy::kMinTimedBytes;
+  const uint32_t nt_classes = rank_ == 0 ? store_policy_.choices()
+                                         : control_[0].non_temporal_classes.load(std::memory_order_relaxed);
+  const bool publish_nt = store_mode_ == StorePolicy::Mode::kNonTemporal ||
+                          (timed && (nt_classes >> StorePolicy::size_class(call.total_bytes) & 1u));
+  const auto start = std::chrono::steady_clock::now();
   int64_t offset = 0;
   do {  // at least one step, so that an empty call still meets (and is checked against) the others
     const int64_t count = std::min(step_elems, n - offset);
     ++seq_;
     const uint64_t step_bytes = static_cast<uint64_t>(count * elem);
     if (call.algo == Algo::kOneShot) {
-      arrive(call, in + offset * elem, step_bytes, step_bytes, step_bytes);
+      arrive(call, in + offset * elem, step_bytes, step_bytes, step_bytes, false);
       for (int r = 0; r < world_size_; ++r) srcs[r] = slot(r, seq_);
       reduce_sum(dtype, srcs, world_size_, count, result + offset * elem, nullptr);
     } else {
       const int64_t part = (count + world_size_ * part_align - 1) / (world_size_ * part_align) * part_align;
       const int64_t lo = std::min(count, rank_ * part), hi = std::min(count, lo + part);
       // Only the parts the other ranks reduce are published; this rank reads its own part from x.
-      arrive(call, in + offset * elem, step_bytes, static_cast<uint64_t>(lo * elem), static_cast<uint64_t>(hi * elem));
+      arrive(call, in + offset * elem, step_bytes, static_cast<uint64_t>(lo * elem), static_cast<uint64_t>(hi * elem),
+             publish_nt);
       for (int r = 0; r < world_size_; ++r) srcs[r] = slot(r, seq_) + lo * elem;
       srcs[rank_] = in + (offset + lo) * elem;
       // this rank's part, into its own slot (for the others) and into the result
       char* own_part = slot(rank_, seq_) + lo * elem;
-      reduce_sum(dtype, srcs, world_size_, hi - lo, own_part, stream ? nullptr : result + (offset + lo) * elem);
+      char* own_result = result + (offset + lo) * elem;
+      if (!publish_nt) {
+        reduce_sum(dtype, srcs, world_size_, hi - lo, own_part, stream ? nullptr : own_result);
+      } else if (!stream) {
+        reduce_sum(dtype, srcs, world_size_, hi - lo, own_result, nullptr);
+        copy_streaming(own_part, own_result, (hi - lo) * elem);
+        streaming_fence();  // before the release store below
+      } else {
+        reduce_streaming_both(dtype, srcs, hi - lo, own_part, own_result);
+      }
       control_[rank_].reduced.store(seq_, std::memory_order_release);  // matches the acquire in wait_for below
-      if (stream) copy_streaming(result + (offset + lo) * elem, own_part, (hi - lo) * elem);
+      if (stream && !publish_nt) copy_streaming(own_result, own_part, (hi - lo) * elem);
       wait_for(true, "reduce-scatter");
       for (int r = 0; r < world_size_; ++r) {
         const int64_t r_lo = std::min(count, r * part), r_hi = std::min(count, r_lo + part);
@@ -515,7 +543,49 @@ at::Tensor ShmCommunicator::all_reduce(const at::Tensor& x, std::optional<at::Te
     offset += count;
   } while (offset < n);
   if (stream) streaming_fence();
+  if (timed && rank_ == 0) {
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    control_[0].non_temporal_classes.store(store_policy_.record(publish_nt, seconds, call.total_bytes),
+                                           std::memory_order_relaxed);
+  }
   return out;
+}
+
+void ShmCommunicator::reduce_streaming_both(DType dtype, const void* const* srcs, int64_t n, char* slot_part,
+                                            char* result_part) {
+  // Through an L1-sized buffer, so that both destinations get non-temporal stores.
+  alignas(64) char buffer[16384];
+  const int64_t elem = dtype_size(dtype);
+  const int64_t block = static_cast<int64_t>(sizeof(buffer)) / elem;
+  const void* block_srcs[kMaxRanks];
+  for (int64_t start = 0; start < n; start += block) {
+    const int64_t len = std::min(block, n - start);
+    for (int r = 0; r < world_size_; ++r) block_srcs[r] = static_cast<const char*>(srcs[r]) + start * elem;
+    reduce_sum(dtype, block_srcs, world_size_, len, buffer, nullptr);
+    copy_streaming(slot_part + start * elem, buffer, len * elem);
+    copy_streaming(result_part + start * elem, buffer, len * elem);
+  }
+  streaming_fence();
+}
+
+void ShmCommunicator::set_store_mode(const std::string& mode) {
+  if (mode == "auto") {
+    store_mode_ = StorePolicy::Mode::kAuto;
+  } else if (mode == "ordinary") {
+    store_mode_ = StorePolicy::Mode::kOrdinary;
+  } else if (mode == "non-temporal") {
+    store_mode_ = StorePolicy::Mode::kNonTemporal;
+  } else {
+    throw std::invalid_argument("publish_stores must be 'auto', 'ordinary' or 'non-temporal', got '" + mode + "'");
+  }
+}
+
+std::string ShmCommunicator::store_mode() const {
+  switch (store_mode_) {
+    case StorePolicy::Mode::kOrdinary: return "ordinary";
+    case StorePolicy::Mode::kNonTemporal: return "non-temporal";
+    default: return "auto";
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> ShmCommunicator::allreduce_residual_rmsnorm(const at::Tensor& x,
@@ -562,7 +632,7 @@ std::tuple<at::Tensor, at::Tensor> ShmCommunicator::allreduce_residual_rmsnorm(c
     ++seq_;
     const uint64_t step_bytes = static_cast<uint64_t>(rows * row_bytes);
     if (call.algo == Algo::kOneShot) {
-      arrive(call, in + row0 * row_bytes, step_bytes, step_bytes, step_bytes);
+      arrive(call, in + row0 * row_bytes, step_bytes, step_bytes, step_bytes, false);
       for (int r = 0; r < world_size_; ++r) srcs[r] = slot(r, seq_);
       epilogue(srcs, world_size_, row0, rows, nullptr);
     } else {
@@ -570,7 +640,7 @@ std::tuple<at::Tensor, at::Tensor> ShmCommunicator::allreduce_residual_rmsnorm(c
       // finish their norm too; the others then normalize those rows from its slot
       const int64_t lo = rank_ * rows / world_size_, hi = (rank_ + 1) * rows / world_size_;
       arrive(call, in + row0 * row_bytes, step_bytes, static_cast<uint64_t>(lo * row_bytes),
-             static_cast<uint64_t>(hi * row_bytes));
+             static_cast<uint64_t>(hi * row_bytes), false);
       for (int r = 0; r < world_size_; ++r) srcs[r] = slot(r, seq_) + lo * row_bytes;
       srcs[rank_] = in + (row0 + lo) * row_bytes;
       epilogue(srcs, world_size_, row0 + lo, hi - lo, slot(rank_, seq_) + lo * row_bytes);

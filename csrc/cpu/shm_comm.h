@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "cpu/shm_reduce.h"
+#include "cpu/shm_store_policy.h"
 
 namespace tp_kernels {
 namespace shm {
@@ -70,6 +71,14 @@ class ShmCommunicator {
   // (2 x world_size x bytes) exceed the L3 cache, the size from which they stream from memory anyway.
   int64_t stream_min_bytes() const { return stream_min_bytes_; }
   void set_stream_min_bytes(int64_t bytes);
+  // How two-shot all-reduces write what they publish into the slot: "auto" (learned on rank 0, see
+  // shm_store_policy.h), "ordinary" or "non-temporal" (this rank only; no agreement needed).
+  std::string store_mode() const;
+  void set_store_mode(const std::string& mode);
+  // Rank 0's running means of time per byte, (ordinary, non-temporal), in seconds, for calls of `bytes`.
+  std::tuple<double, double> store_estimates(uint64_t bytes) const {
+    return {store_policy_.per_byte(bytes, false), store_policy_.per_byte(bytes, true)};
+  }
   bool closed() const { return base_ == nullptr; }
   uint64_t sequence() const { return seq_; }
 
@@ -96,7 +105,9 @@ class ShmCommunicator {
   // Publishes all of it but bytes [own_lo, own_hi) (the part this rank reduces itself in two-shot, read
   // from src directly: copying it would only add traffic), waits for every rank and checks that all
   // describe the same call.
-  void arrive(const Call& call, const void* src, uint64_t bytes, uint64_t own_lo, uint64_t own_hi);
+  void arrive(const Call& call, const void* src, uint64_t bytes, uint64_t own_lo, uint64_t own_hi, bool non_temporal);
+  // reduce_sum of n elements into both destinations, with non-temporal stores
+  void reduce_streaming_both(DType dtype, const void* const* srcs, int64_t n, char* slot_part, char* result_part);
   void wait_for(bool reduced_flag, const char* phase);
   void check_calls_match(const Call& call);
   [[noreturn]] void fail(const std::string& message);
@@ -111,6 +122,8 @@ class ShmCommunicator {
   double timeout_s_;
   int64_t one_shot_max_bytes_;
   int64_t stream_min_bytes_;
+  StorePolicy::Mode store_mode_ = StorePolicy::Mode::kAuto;
+  StorePolicy store_policy_;  // rank 0's
   size_t mapped_bytes_ = 0;
   char* base_ = nullptr;
   SegmentHeader* header_ = nullptr;

@@ -185,6 +185,16 @@ class ShmCommunicator(Communicator):
         self._native.stream_min_bytes = value
 
     @property
+    def publish_stores(self) -> str:
+        """How two-shot all-reduces write what they publish for the peers: "auto" (rank 0 times both kinds
+        and the group follows the faster, csrc/cpu/shm_store_policy.h), "ordinary" or "non-temporal"."""
+        return self._native.publish_stores
+
+    @publish_stores.setter
+    def publish_stores(self, value: str) -> None:
+        self._native.publish_stores = value
+
+    @property
     def slot_bytes(self) -> int:
         return self._native.slot_bytes
 
