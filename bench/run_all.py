@@ -37,11 +37,13 @@ class Family:
 
 # The families and their limits: 590 s in all, within `make bench`'s 10 minutes on 2 cores. Default runs
 # timed on this 2-core host while other jobs loaded it (2026-11-25, each script from its branch):
-# all_reduce 93 s, kernel_resources 12 s, qkv_rope 6 s, decode_model 9 s, decode_e2e 60-87 s; the limits
-# leave 1.6-5x that. allreduce_rmsnorm, gemm_allreduce and gemm_overlap_model were not timed here yet.
+# all_reduce 93 s, kernel_resources 12 s, qkv_rope 6 s, decode_model 9 s, decode_e2e 60-87 s; quiet:
+# all_reduce 44 s, shm_store_kinds 14 s; the limits leave 1.6-5x that. allreduce_rmsnorm, gemm_allreduce and
+# gemm_overlap_model were not timed here yet.
 FAMILIES = (
-    Family("all_reduce", 150, what="all-reduce latency and bandwidth: shm vs gloo vs torch.distributed"),
+    Family("all_reduce", 110, what="all-reduce latency and bandwidth: shm vs gloo vs torch.distributed"),
     Family("allreduce_rmsnorm", 60, what="all-reduce + residual + RMSNorm, fused vs unfused"),
+    Family("shm_store_kinds", 40, what="shm all-reduce publishing stores: ordinary vs non-temporal vs learned"),
     Family("qkv_rope", 30, what="qkv_rope, fused Triton kernel vs unfused PyTorch"),
     Family("kernel_resources", 60, what="Triton kernels compiled for sm_80/sm_90: registers, spills, shared memory"),
     Family("gemm_allreduce", 90, args=("--quick",), what="gemm_allreduce, overlapped vs sequential"),
