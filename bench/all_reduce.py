@@ -13,6 +13,8 @@ Paths, each timed back to back on every rank (rank 0's times are reported):
   shm-inplace ShmCommunicator.all_reduce(buf, buf): in place, like gloo and DeepSpeed's inference_all_reduce
   shm-op      tp_kernels.ops.all_reduce(x, tp): the torch op (dispatcher + Python impl + chain lookup)
   gloo        torch.distributed.all_reduce(buf, group) in place on a preallocated buffer
+  touch       buf.add_(1) on every rank at once: not an all-reduce, the read + write of the message on every
+              core that an in-place all-reduce cannot avoid (a floor that counts the cores' shared memory bus)
 Rank r runs on core r (mod the core count) unless --no-bind: on a 2-core host an unbound pair of spinning
 ranks is sometimes scheduled onto one core, which turns a 40 us call into a millisecond one.
 Floor: an all-reduce must at least copy its N-byte input to where the peers can read it and write the
@@ -151,7 +153,7 @@ def _bench_rank(tp, args) -> List[dict]:
         dtype = DTYPES[dtype_name]
         numel = n_bytes // torch.tensor([], dtype=dtype).element_size()
         x = torch.randn(numel).to(dtype)
-        buf, out = x.clone(), torch.empty_like(x)
+        buf, out, touched = x.clone(), torch.empty_like(x), x.clone()
         src, dst = torch.randn(numel).to(dtype), torch.empty(numel, dtype=dtype)
         paths = {
             "shm-direct": lambda: comm.all_reduce(x),
@@ -159,6 +161,7 @@ def _bench_rank(tp, args) -> List[dict]:
             "shm-inplace": lambda: comm.all_reduce(buf, buf),
             "shm-op": lambda: ops.all_reduce(x, tp),
             "gloo": lambda: dist.all_reduce(buf, group=tp.process_group),
+            "touch": lambda: touched.add_(1),
         }
         if args.no_gloo:
             paths.pop("gloo")
@@ -187,7 +190,7 @@ def to_rows(records: List[dict], world_size: int) -> List[Row]:
             continue
         t, n_bytes = r["timing"], r["n_bytes"]
         floor_s = 2 * by_key[("copy", r["dtype"], n_bytes)].median_s
-        gloo = by_key.get(("gloo", r["dtype"], n_bytes))
+        gloo = None if r["path"] == "touch" else by_key.get(("gloo", r["dtype"], n_bytes))
         config = (f"path={r['path']} slot={r['slot_bytes']} one_shot_max={r['one_shot_max_bytes']} "
                   f"publish_stores={r['publish_stores']} isa={r['isa']}")
         rows.append(Row.from_timing(
