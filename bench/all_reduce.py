@@ -132,20 +132,18 @@ def _bench_rank(tp, args) -> List[dict]:
 
     from tp_kernels import ops
 
-    comm = tp.communicator_for(torch.ones(1))
+    group_comm = comm = tp.communicator_for(torch.ones(1))
     if comm.name != "shm":
         raise RuntimeError(f"expected the shm communicator in the chain, got {comm.name}")
-    if args.one_shot_max_kib is not None:
-        comm.one_shot_max_bytes = args.one_shot_max_kib * 1024
-    comm.publish_stores = args.publish_stores
     if args.slot_kib is not None:  # a private communicator with another slot size (collective)
         from tp_kernels.comm.shm import ShmCommunicator
 
         comm = ShmCommunicator(tp.process_group, tp.rank, tp.world_size, tp.name + "/bench",
                                slot_bytes=args.slot_kib * 1024)
+    for configured in {group_comm, comm}:  # the op rows use the group's communicator
         if args.one_shot_max_kib is not None:
-            comm.one_shot_max_bytes = args.one_shot_max_kib * 1024
-        comm.publish_stores = args.publish_stores
+            configured.one_shot_max_bytes = args.one_shot_max_kib * 1024
+        configured.publish_stores = args.publish_stores
     cases = [(dtype_name, size) for dtype_name in args.dtypes for size in args.sizes]
     records = []
     bar = tqdm(cases, desc="all_reduce", disable=tp.rank != 0)

@@ -365,14 +365,9 @@ void ShmCommunicator::arrive(const Call& call, const void* src, uint64_t bytes, 
   const uint64_t seq = seq_;
   char* mine_slot = slot(rank_, seq);
   const char* in = static_cast<const char*>(src);
-  if (non_temporal) {
-    copy_streaming(mine_slot, in, own_lo);
-    copy_streaming(mine_slot + own_hi, in + own_hi, bytes - own_hi);
-    streaming_fence();  // non-temporal stores are not ordered by the release store below
-  } else {
-    std::memcpy(mine_slot, in, own_lo);
-    std::memcpy(mine_slot + own_hi, in + own_hi, bytes - own_hi);
-  }
+  copy_bytes(mine_slot, in, own_lo, non_temporal);
+  copy_bytes(mine_slot + own_hi, in + own_hi, bytes - own_hi, non_temporal);
+  if (non_temporal) streaming_fence();  // non-temporal stores are not ordered by the release store below
   RankControl& mine = control_[rank_];
   mine.calls[seq & 1] = CallRecord{seq, call.total_bytes, call.hidden, static_cast<uint32_t>(call.op),
                                    static_cast<uint32_t>(call.algo), static_cast<uint32_t>(call.dtype), 0};
@@ -530,14 +525,8 @@ at::Tensor ShmCommunicator::all_reduce(const at::Tensor& x, std::optional<at::Te
       wait_for(true, "reduce-scatter");
       for (int r = 0; r < world_size_; ++r) {
         const int64_t r_lo = std::min(count, r * part), r_hi = std::min(count, r_lo + part);
-        if (r == rank_ || r_hi <= r_lo) continue;
-        char* part_out = result + (offset + r_lo) * elem;
-        const char* part_in = slot(r, seq_) + r_lo * elem;
-        if (stream) {
-          copy_streaming(part_out, part_in, (r_hi - r_lo) * elem);
-        } else {
-          std::memcpy(part_out, part_in, (r_hi - r_lo) * elem);
-        }
+        if (r != rank_ && r_hi > r_lo)
+          copy_bytes(result + (offset + r_lo) * elem, slot(r, seq_) + r_lo * elem, (r_hi - r_lo) * elem, stream);
       }
     }
     offset += count;

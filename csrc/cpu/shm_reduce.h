@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace tp_kernels {
 namespace shm {
@@ -33,6 +34,15 @@ void reduce_residual_rmsnorm(DType dtype, const void* const* srcs, int n_srcs, i
 // after the last one, before the data is handed to anyone else.
 void copy_streaming(void* dst, const void* src, int64_t bytes);
 void streaming_fence();
+
+// copy_streaming when non_temporal, else memcpy.
+inline void copy_bytes(void* dst, const void* src, int64_t bytes, bool non_temporal) {
+  if (non_temporal) {
+    copy_streaming(dst, src, bytes);
+  } else {
+    std::memcpy(dst, src, static_cast<size_t>(bytes));
+  }
+}
 
 // "avx2+f16c" or "baseline": which compiled variant the CPU runs (chosen once, at load).
 const char* reduce_isa();

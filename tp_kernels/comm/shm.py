@@ -70,6 +70,12 @@ def _group_supports_cpu(pg: dist.ProcessGroup) -> bool:
     return "gloo" in str(dist.get_backend(pg)).lower()
 
 
+def _native_setting(name: str, doc: str) -> property:
+    """A property that reads and writes the native communicator's setting of the same name."""
+    return property(lambda self: getattr(self._native, name), lambda self, value: setattr(self._native, name, value),
+                    doc=doc)
+
+
 class ShmCommunicator(Communicator):
     """All-reduce of CPU tensors through a shared-memory segment of the group.
 
@@ -155,44 +161,19 @@ class ShmCommunicator(Communicator):
     def close(self) -> None:
         self._native.close()
 
-    # -- knobs -------------------------------------------------------------------------------------------
-    @property
-    def timeout_s(self) -> float:
-        return self._native.timeout_s
-
-    @timeout_s.setter
-    def timeout_s(self, value: float) -> None:
-        self._native.timeout_s = value
-
-    @property
-    def one_shot_max_bytes(self) -> int:
-        """Messages up to this size go one-shot. Set it to the same value on every rank (a difference is
-        detected and raises at the next call)."""
-        return self._native.one_shot_max_bytes
-
-    @one_shot_max_bytes.setter
-    def one_shot_max_bytes(self, value: int) -> None:
-        self._native.one_shot_max_bytes = value
-
-    @property
-    def stream_min_bytes(self) -> int:
-        """Two-shot all-reduces of at least this many bytes write their output with non-temporal stores
-        (default: where 2 x world_size x bytes exceeds the L3 cache). A local choice; ranks may differ."""
-        return self._native.stream_min_bytes
-
-    @stream_min_bytes.setter
-    def stream_min_bytes(self, value: int) -> None:
-        self._native.stream_min_bytes = value
-
-    @property
-    def publish_stores(self) -> str:
-        """How two-shot all-reduces write what they publish for the peers: "auto" (rank 0 times both kinds
-        and the group follows the faster, csrc/cpu/shm_store_policy.h), "ordinary" or "non-temporal"."""
-        return self._native.publish_stores
-
-    @publish_stores.setter
-    def publish_stores(self, value: str) -> None:
-        self._native.publish_stores = value
+    # -- knobs: settings of the native communicator, read and written through --------------------------
+    timeout_s = _native_setting("timeout_s", "Seconds every wait may take before it raises naming the ranks.")
+    one_shot_max_bytes = _native_setting(
+        "one_shot_max_bytes", "Messages up to this size go one-shot. Set it to the same value on every rank (a "
+        "difference is detected and raises at the next call).")
+    stream_min_bytes = _native_setting(
+        "stream_min_bytes", "Two-shot all-reduces of at least this many bytes write their output with "
+        "non-temporal stores (default: where 2 x world_size x bytes exceeds the L3 cache). A local choice; "
+        "ranks may differ.")
+    publish_stores = _native_setting(
+        "publish_stores", 'How two-shot all-reduces write what they publish for the peers: "auto" (rank 0 '
+        'times both kinds and the group follows the faster, csrc/cpu/shm_store_policy.h), "ordinary" or '
+        '"non-temporal".')
 
     @property
     def slot_bytes(self) -> int:
