@@ -19,7 +19,8 @@ from tp_kernels.models.sampling import check_sampling_args, sample
 @dataclass
 class GenerationStats:
     """Wall-clock times of one generate call on this rank. A decode step is one forward of one token per
-    sequence; weight_bytes_per_rank is what each step streams from memory on each rank."""
+    sequence; weight_bytes_per_rank is this rank's parameter memory, decode_bytes_per_rank what a decode
+    step reads on this rank (GPT.decode_bytes_per_rank at the middle step's cache length)."""
 
     prefill_s: float
     decode_s: float
@@ -27,6 +28,8 @@ class GenerationStats:
     n_decode_steps: int
     batch: int
     weight_bytes_per_rank: int
+    decode_bytes_per_rank: int = 0
+    step_s: Tuple[float, ...] = ()  # each decode step's wall clock, in order
     compile_s: float = 0.0  # generate(compile=True): the first (compiling) call of the decode step, untimed above
 
     @property
@@ -39,10 +42,10 @@ class GenerationStats:
 
     @property
     def decode_weight_gb_per_s(self) -> float:
-        """Weights streamed per decode step per rank divided by the step time (GB = 1e9 bytes)."""
+        """Bytes a decode step reads per rank (weights and cache) divided by the step time (GB = 1e9 bytes)."""
         if self.n_decode_steps == 0 or self.decode_s <= 0:
             return float("nan")
-        return self.weight_bytes_per_rank * self.n_decode_steps / self.decode_s / 1e9
+        return self.decode_bytes_per_rank * self.n_decode_steps / self.decode_s / 1e9
 
 
 def _sync(device: torch.device) -> None:
@@ -132,6 +135,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     outputs: List[List[int]] = [[] for _ in range(batch)]
     finished = [False] * batch
     n_decode_steps = 0
+    step_s = []
     for step in range(max_new_tokens):
         for b, t in enumerate(token.tolist()):
             if not finished[b]:
@@ -142,11 +146,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
         # (B, 1): where each sequence's newest token goes. A finished sequence keeps decoding (its tokens
         # are dropped) so the batch keeps its shape.
         positions = (lengths + step)[:, None]
+        t_step = time.perf_counter()
         token = next_tokens(step_fn(model, token[:, None], positions, cache))
+        step_s.append(time.perf_counter() - t_step)  # CPU: the step is done; GPU: launched (tolist() syncs)
         n_decode_steps += 1
     _sync(device)
     t2 = time.perf_counter()
     stats = GenerationStats(prefill_s=t1 - t0, decode_s=t2 - t1, n_prompt_tokens=int(lengths.sum()),
                             n_decode_steps=n_decode_steps, batch=batch,
-                            weight_bytes_per_rank=model.weight_bytes_per_rank(), compile_s=compile_s)
+                            weight_bytes_per_rank=model.weight_bytes_per_rank(),
+                            decode_bytes_per_rank=model.decode_bytes_per_rank(prompt_len + n_decode_steps // 2, batch),
+                            step_s=tuple(step_s), compile_s=compile_s)
     return outputs, stats

@@ -193,8 +193,19 @@ class GPT(nn.Module):
         return self.embed.weight.device
 
     def weight_bytes_per_rank(self) -> int:
-        """Bytes of this rank's parameters (a tied table counted once): what one decode step streams."""
+        """Bytes of this rank's parameters (a tied table counted once): what it holds in memory."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def decode_bytes_per_rank(self, kv_len: int, batch: int = 1) -> int:
+        """Bytes a one-token decode step reads from memory on this rank: every weight except the rows of
+        the embedding table it does not look up (a tied table is read whole by the LM head), and the keys and
+        values of kv_len cached positions per sequence. A step cannot take less than this over the memory
+        bandwidth (the decode roofline)."""
+        table = self.embed.weight
+        skipped_rows = 0 if self.args.tie_word_embeddings else max(0, table.shape[0] - batch)
+        cache_row = 2 * self.blocks[0].attn.qkv.n_kv_heads_per_rank * self.args.head_dim * table.element_size()
+        return (self.weight_bytes_per_rank() - skipped_rows * table.shape[1] * table.element_size()
+                + len(self.blocks) * batch * kv_len * cache_row)
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
