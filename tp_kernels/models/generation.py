@@ -64,17 +64,15 @@ def decode_logits(model, tokens: torch.Tensor, positions: torch.Tensor, cache) -
     return model(tokens, positions, cache)[:, 0]
 
 
-_COMPILED: Dict[Tuple[Callable, str], Callable] = {}
+_COMPILED: Dict[Callable, Callable] = {}
 
 
-def compiled_step(step: Callable, device: torch.device) -> Callable:
+def compiled_step(step: Callable) -> Callable:
     """step compiled once per process: torch.compile(fullgraph=True) with static shapes (a new batch size
-    or cache length compiles again); on CUDA mode="reduce-overhead", which replays the step as a CUDA graph."""
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    key = (step, mode or "default")
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
-    return _COMPILED[key]
+    or cache length compiles again). On a GPU, generate then captures it as a CUDA graph (cuda_graph.py)."""
+    if step not in _COMPILED:
+        _COMPILED[step] = torch.compile(step, fullgraph=True, dynamic=False)
+    return _COMPILED[step]
 
 
 @torch.no_grad()
@@ -114,11 +112,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     step_fn = decode_greedy if greedy else decode_logits
     compile_s = 0.0
     if compile:
-        step_fn = compiled_step(step_fn, device)
+        step_fn = compiled_step(step_fn)
         # Compile now, outside the timed steps, with a step at position 0 of every row: the prefill below
         # writes positions 0..prompt_len-1 of every row, so what this step wrote is overwritten.
         t_compile = time.perf_counter()
         step_fn(model, input_ids[:, :1], torch.zeros(batch, 1, dtype=torch.long, device=device), cache)
+        if device.type == "cuda":
+            from tp_kernels.models.cuda_graph import CapturedDecodeStep
+
+            step_fn = CapturedDecodeStep(step_fn, model, cache)
         _sync(device)
         compile_s = time.perf_counter() - t_compile
 

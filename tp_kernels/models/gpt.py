@@ -276,10 +276,11 @@ class GPT(nn.Module):
             positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         if tuple(positions.shape) != (batch, seq):
             raise ValueError(f"positions must have input_ids' shape {(batch, seq)}, got {tuple(positions.shape)}")
-        if torch.compiler.is_compiling():
-            # A compiled step has static shapes: it attends over the whole static cache (the mask hides the
-            # positions not written yet), as gpt-fast does. int(positions.max()) would be a data-dependent
-            # guard; a position past the cache still raises, in the cache write (an index out of range).
+        if torch.compiler.is_compiling() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # A compiled or captured step has static shapes: it attends over the whole static cache (the mask
+            # hides the positions not written yet), as gpt-fast does. int(positions.max()) would be a
+            # data-dependent guard (a host sync in a capture); a position past the cache still raises on CPU,
+            # in the cache write (an index out of range).
             if cache is None:
                 raise ValueError("a compiled forward needs a cache (model.new_cache): its size fixes the shapes")
             kv_len = cache.max_seq
