@@ -2,7 +2,7 @@
 PyTorch sequence (F.linear with bias, split, RoPE, contiguous heads), per TP rank.
 
 On a GPU both are measured with do_bench (bench.common.measure_cuda). Without one, the H100 time of
-both is *modeled* from bytes and FLOPs with tp_kernels.perfmodel.roofline_time_s (HARDWARE["H100"],
+both is *modeled* from bytes and FLOPs with tp_kernels.perf.cost_model.roofline_time_s (HARDWARE["H100"],
 datasheet constants): each kernel of a sequence costs max(FLOPs / peak, bytes / HBM bandwidth), and
 the sequence's time is their sum. The model leaves out kernel-launch gaps (the unfused sequence has
 four or more kernels, the fused one a single one) and any imperfect overlap, so it understates the
@@ -22,8 +22,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import Row, environment, markdown_table, measure_cuda, write_rows  # noqa: E402
-from tp_kernels import perfmodel, reference  # noqa: E402
-from tp_kernels.perfmodel import HARDWARE  # noqa: E402
+from tp_kernels import reference  # noqa: E402
+from tp_kernels.perf import cost_model  # noqa: E402
+from tp_kernels.perf.cost_model import HARDWARE  # noqa: E402
 
 BENCH = "qkv_rope"
 DTYPE = torch.bfloat16
@@ -43,7 +44,7 @@ def per_rank_heads(n_heads: int, n_kv_heads: int, tp: int):
 
 def modeled_times(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_dim, with_bias, hw):
     """(fused seconds, unfused seconds, fused bytes, flops) of one rank's call in bf16."""
-    e = perfmodel.dtype_bytes(DTYPE)
+    e = cost_model.dtype_bytes(DTYPE)
     qkv_cols = (n_heads_per_rank + 2 * n_kv_heads_per_rank) * head_dim
     qk_cols = (n_heads_per_rank + n_kv_heads_per_rank) * head_dim
     v_cols = n_kv_heads_per_rank * head_dim
@@ -53,12 +54,12 @@ def modeled_times(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_
     x_bytes, out_bytes = n_tokens * hidden * e, n_tokens * qkv_cols * e
     # fused: read x, w, bias and cos/sin once, write q, k, v once
     fused_bytes = x_bytes + weight_bytes + cos_sin_bytes + out_bytes
-    fused = perfmodel.roofline_time_s(gemm_flops, fused_bytes, hw, DTYPE)
+    fused = cost_model.roofline_time_s(gemm_flops, fused_bytes, hw, DTYPE)
     # unfused: GEMM with bias epilogue writes qkv; RoPE reads q, k and cos/sin and writes them rotated;
     # v is copied out of the interleaved qkv rows into its own contiguous heads
-    gemm = perfmodel.roofline_time_s(gemm_flops, x_bytes + weight_bytes + out_bytes, hw, DTYPE)
-    rope = perfmodel.roofline_time_s(6.0 * n_tokens * qk_cols, 2 * n_tokens * qk_cols * e + cos_sin_bytes, hw, DTYPE)
-    v_copy = perfmodel.roofline_time_s(0.0, 2 * n_tokens * v_cols * e, hw, DTYPE)
+    gemm = cost_model.roofline_time_s(gemm_flops, x_bytes + weight_bytes + out_bytes, hw, DTYPE)
+    rope = cost_model.roofline_time_s(6.0 * n_tokens * qk_cols, 2 * n_tokens * qk_cols * e + cos_sin_bytes, hw, DTYPE)
+    v_copy = cost_model.roofline_time_s(0.0, 2 * n_tokens * v_cols * e, hw, DTYPE)
     return fused, gemm + rope + v_copy, fused_bytes, gemm_flops
 
 

@@ -3,9 +3,9 @@ overlapped GEMM + collective ops.
 
 Everything this module returns is *modeled*, never measured; benchmark rows built from it say so. A
 `Hardware` is either one of the GPUs of `HARDWARE` (datasheet constants) or calibrated on the running
-machine by tp_kernels.calibration (a short measurement, cached).
+machine by tp_kernels.perf.calibration (a short measurement, cached).
 
-Pipeline model of an op that splits M into k chunks (tp_kernels.ops.overlap): each chunk is a GEMM of
+Pipeline model of an op that splits M into k chunks (tp_kernels.ops.overlap_plan): each chunk is a GEMM of
 about M/k rows, g(k), and a collective of its rows, c(k) = alpha + algorithm bytes / link bandwidth.
 The first GEMM cannot overlap anything (pipeline fill), nor can the last collective (drain); in between,
 k - 1 stages each last max(g, c) plus the part of min(g, c) that the hardware cannot run concurrently:
