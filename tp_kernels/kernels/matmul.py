@@ -12,9 +12,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
-
 from tp_kernels.kernels import configs
+from tp_kernels.kernels.launch import kernel_for_launch
 from tp_kernels.kernels.tiling import accumulate_tile, grouped_tile_ids
 from tp_kernels.ops import checks
 
@@ -40,7 +39,7 @@ def _matmul_kernel(
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_valid = cols < N
-    acc = accumulate_tile(a_ptr, b_ptr, rows, cols, cols_valid, M, K, stride_am, stride_ak, stride_bn, stride_bk,
+    acc = accumulate_tile(a_ptr, b_ptr, rows, cols, cols_valid, M, 0, K, stride_am, stride_ak, stride_bn, stride_bk,
                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_OPERANDS, DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols_valid, other=0.0).to(tl.float32)[None, :]
@@ -70,7 +69,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None
     config = configs.matmul_config(a.device, a.dtype, n_rows)
     grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(n_cols, config.block_n),)
     interpreting = a.device.type == "cpu"
-    wrap_triton(_matmul_kernel)[grid](
+    kernel_for_launch(_matmul_kernel)[grid](
         a, b, a if bias is None else bias.contiguous(), c,
         n_rows, n_cols, a.shape[1],
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
