@@ -54,9 +54,9 @@ DECODE_TILE_BEFORE = configs.TileConfig(16, 32, 64, num_warps=4, num_stages=4)
 
 
 def fused_launch(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_dim, config):
-    """(programs, weight bytes in flight per program, programs per SM) of the fused kernel's launch with
-    `config` on ARCH, as tp_kernels.kernels.qkv._launch computes the grid (head tiles x token tiles,
-    times the split of K)."""
+    """(programs, weight bytes in flight per program, programs per SM, split-K partial bytes) of the
+    fused kernel's launch with `config` on ARCH, as tp_kernels.kernels.qkv._launch computes the grid (head
+    tiles x token tiles, times the split of K)."""
     e = perfmodel.dtype_bytes(DTYPE)
     head_slots = max(16, 1 << (head_dim - 1).bit_length())
     block_n = min(config.block_n, head_slots)
@@ -64,7 +64,9 @@ def fused_launch(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_d
     split = configs.split_k_for(n_tiles, hidden, config.block_k, configs.SM_COUNT[ARCH]) if config.split_k else 1
     in_flight = (config.num_stages - 1) * block_n * config.block_k * e  # the pipelined weight tiles
     shared = (config.num_stages - 1) * (config.block_m + block_n) * config.block_k * e
-    return n_tiles * split, in_flight, max(1, configs.SHARED_MEMORY_LIMIT[ARCH] // shared)
+    # split-K writes each part's fp32 partial tile and the last part reads them all back
+    partial_bytes = 2 * split * n_tiles * config.block_m * block_n * 4 if split > 1 else 0
+    return n_tiles * split, in_flight, max(1, configs.SHARED_MEMORY_LIMIT[ARCH] // shared), partial_bytes
 
 
 def modeled_times(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_dim, with_bias, hw,
@@ -83,9 +85,10 @@ def modeled_times(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_
     fused_bytes = x_bytes + weight_bytes + cos_sin_bytes + out_bytes
     if config is None:
         config = configs.QKV_CONFIGS[(ARCH, configs.dtype_class(DTYPE), configs.m_bucket(n_tokens))]
-    programs, in_flight, per_sm = fused_launch(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_dim,
-                                               config)
-    fused = perfmodel.latency_bound_time_s(gemm_flops, fused_bytes, programs, in_flight, hw, DTYPE, per_sm)
+    programs, in_flight, per_sm, partial_bytes = fused_launch(n_tokens, hidden, n_heads_per_rank,
+                                                              n_kv_heads_per_rank, head_dim, config)
+    fused = perfmodel.latency_bound_time_s(gemm_flops, fused_bytes + partial_bytes, programs, in_flight, hw, DTYPE,
+                                           per_sm)
     # unfused: GEMM with bias epilogue writes qkv; RoPE reads q, k and cos/sin and writes them rotated;
     # v is copied out of the interleaved qkv rows into its own contiguous heads
     gemm = perfmodel.roofline_time_s(gemm_flops, x_bytes + weight_bytes + out_bytes, hw, DTYPE)

@@ -152,14 +152,15 @@ def test_bad_arguments_raise_value_errors():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# decode split-K (configs.split_k_for forced, since these hidden sizes are too small to split on their own)
+# split-K (configs.split_k_for forced, since these hidden sizes are too small to split on their own): decode
+# and, at T=33, the 32 x 64 tiles
 # ----------------------------------------------------------------------------------------------------------
 SPLIT_HIDDEN = 320  # 2 parts of the 16-bit 256-deep K blocks, 3 of the fp32 128-deep ones; the last part short
 
 
 @pytest.mark.parametrize("write_kv_cache", [False, True], ids=["out", "kv-cache"])
 @pytest.mark.parametrize("dtype, n_tokens, rope_style", [(torch.float32, 1, "neox"), (torch.float16, 3, "gptj"),
-                                                        (torch.bfloat16, 1, "none")],
+                                                        (torch.bfloat16, 1, "none"), (torch.float16, 33, "neox")],
                          ids=lambda v: str(v)[6:] if isinstance(v, torch.dtype) else str(v))
 def test_split_k_matches_reference_and_leaves_counters_zero(dtype, n_tokens, rope_style, write_kv_cache,
                                                             poisoned_outputs, monkeypatch):
@@ -171,7 +172,7 @@ def test_split_k_matches_reference_and_leaves_counters_zero(dtype, n_tokens, rop
     w_qkv = (torch.randn((n_heads + 2 * n_kv_heads) * head_dim, SPLIT_HIDDEN) / SPLIT_HIDDEN ** 0.5).to(dtype)
     b_qkv = torch.randn(w_qkv.shape[0]).to(dtype)
     cos_sin = reference.rope_cos_sin_cache(MAX_POSITION, head_dim)
-    positions = torch.randperm(MAX_SEQ)[:n_tokens]
+    positions = torch.randperm(MAX_SEQ)[:n_tokens]  # distinct: each token owns its cache slot
     expected = reference.qkv_rope(x.double(), w_qkv.double(), b_qkv.double(), cos_sin.double(), positions, n_heads,
                                   n_kv_heads, head_dim, rope_style)
     for call in range(2):  # the second launch reuses the counters the first one left

@@ -18,6 +18,8 @@ Choices and the numbers behind them:
   tiles are still fewer than the SMs, K is split (split_k_for): Llama-70B at TP=8 (QKV N = 1280,
   K = 8192) has 80 tiles of 16 columns; split in 2 they are 160 programs on 132 SMs (H100), where the
   32-column tiles without split-K gave 40 (the 'split_k' flag of a config; qkv.py has the protocol).
+  The same holds past decode for TP-sized N: 128 tokens of that shape are 40 tiles of 64 x 64, 4 parts
+  of K make 160 programs (bench/qkv_rope.py --modeled: 16.7 -> 8.6 us modeled on an H100).
 - Shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K * element bytes; num_stages is the most
   that fit the arch's dynamic shared memory (sm_80 163 KB, sm_90 227 KB), capped at 4 (past 3-4
   stages the tutorials' K loops hide no more latency). With these tiles both archs get 4 stages, so
@@ -68,8 +70,8 @@ def _make(arch: str, dtype_class: str, block_m: int, block_n: int, block_k: int 
 # (BLOCK_M, BLOCK_N[, BLOCK_K, split_k]) per dtype class and M bucket. qkv's large tiles are 64x64 and
 # fp32's mid/large matmul tiles 64 columns wide because the 128-column ones spilled on sm_80 (qkv KV-cache
 # epilogue: 872 bytes at 64x128; fp32 matmul: 8 bytes at 32x128).
-QKV_TILES = {"16bit": {16: (16, 16, 256, True), 64: (32, 64), None: (64, 64)},
-             "fp32": {16: (16, 16, 128, True), 64: (32, 64), None: (64, 64)}}
+QKV_TILES = {"16bit": {16: (16, 16, 256, True), 64: (32, 64, 64, True), None: (64, 64, 64, True)},
+             "fp32": {16: (16, 16, 128, True), 64: (32, 64, 32, True), None: (64, 64, 32, True)}}
 MATMUL_TILES = {"16bit": {16: (16, 64), 64: (32, 128), None: (64, 128)},
                 "fp32": {16: (16, 64), 64: (32, 64), None: (64, 64)}}
 assert all(tile[0] * tile[1] <= MAX_TILE_ELEMENTS for table in (QKV_TILES, MATMUL_TILES)

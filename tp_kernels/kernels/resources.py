@@ -125,13 +125,18 @@ def _matmul_case(dtype_class: str, config, decode_ones: bool = False):
     return "matmul", _matmul_kernel, types, constants, ()
 
 
-def _qkv_variants(config):
-    """(split_k, decode_ones, name suffix) of the compiles of one qkv config: as configured, and for a
-    split-K decode config also the split-K path, generic and as decode runs it (DECODE_ONES)."""
-    yield False, False, ""
+def _qkv_variants(config, decode: bool):
+    """(split_k, decode_ones, write_kv_cache, name suffix) of the compiles of one qkv config: both stores
+    as configured; where the config may split K, the split-K path (for a prefill config with the KV-cache
+    store only, the larger epilogue); for the decode config also as decode runs it (DECODE_ONES)."""
+    for write_kv_cache in (False, True):
+        yield False, False, write_kv_cache, ""
     if config.split_k:
-        yield True, False, "_splitK"
-        yield True, True, "_splitK_T1_kv1"
+        for write_kv_cache in (False, True) if decode else (True,):
+            yield True, False, write_kv_cache, "_splitK"
+    if config.split_k and decode:
+        for write_kv_cache in (False, True):
+            yield True, True, write_kv_cache, "_splitK_T1_kv1"
 
 
 def cases() -> Iterator[tuple]:
@@ -142,11 +147,11 @@ def cases() -> Iterator[tuple]:
 
     for (arch, dtype_class, m_bucket), config in configs.QKV_CONFIGS.items():
         for head_dim in (128, 64) if config.block_n > 64 else (128,):
-            for split_k, decode_ones, suffix in _qkv_variants(config):
-                for write_kv_cache in (False, True):
-                    case = _qkv_case(dtype_class, head_dim, config, write_kv_cache, split_k, decode_ones)
-                    yield (case[0], f"{dtype_class}_M<={m_bucket}_{config}_hd{head_dim}{suffix}", arch, *case[1:],
-                           config)
+            for split_k, decode_ones, write_kv_cache, suffix in _qkv_variants(config,
+                                                                              m_bucket == configs.M_BUCKETS[0]):
+                case = _qkv_case(dtype_class, head_dim, config, write_kv_cache, split_k, decode_ones)
+                yield (case[0], f"{dtype_class}_M<={m_bucket}_{config}_hd{head_dim}{suffix}", arch, *case[1:],
+                       config)
     for (arch, dtype_class, m_bucket), config in configs.MATMUL_CONFIGS.items():
         for decode_ones in (False, True) if m_bucket == configs.M_BUCKETS[0] else (False,):
             case = _matmul_case(dtype_class, config, decode_ones)
