@@ -167,12 +167,13 @@ def _llama70b_tp8_decode(n_tokens, dtype=torch.bfloat16):
     return x, w_qkv, None, cos_sin, positions, n_heads, n_kv_heads, head_dim
 
 
-def test_decode_split_k_fills_the_sms_and_matches_reference():
+@pytest.mark.parametrize("n_tokens", [1, 128])
+def test_split_k_fills_the_sms_and_matches_reference(n_tokens):
     from tp_kernels.kernels import configs, launch
 
-    x, w_qkv, b_qkv, cos_sin, positions, n_heads, n_kv_heads, head_dim = _llama70b_tp8_decode(1)
-    config = configs.qkv_config(x.device, x.dtype, 1)
-    n_tiles = (n_heads + 2 * n_kv_heads) * head_dim // config.block_n
+    x, w_qkv, b_qkv, cos_sin, positions, n_heads, n_kv_heads, head_dim = _llama70b_tp8_decode(n_tokens)
+    config = configs.qkv_config(x.device, x.dtype, n_tokens)
+    n_tiles = -(-n_tokens // config.block_m) * (n_heads + 2 * n_kv_heads) * head_dim // config.block_n
     n_sms = configs.sm_count(x.device)
     split = configs.split_k_for(n_tiles, x.shape[1], config.block_k, n_sms)
     assert n_tiles * split >= n_sms, (n_tiles, split, n_sms)

@@ -30,7 +30,7 @@ with a warning once.
 import warnings
 
 import torch
-from torch._library.triton import triton_ops_to_kernels
+import torch._library.triton
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from tp_kernels.kernels import qkv
@@ -71,7 +71,19 @@ def _decompose_cuda_calls(impl):
     return rule
 
 
+def _list_kernels_for_the_cache_key(name, kernels):
+    """What triton_op does for the AOTAutograd cache key (module docstring). A private table of torch's:
+    where a torch version lacks it, say so once rather than fail the import."""
+    table = getattr(torch._library.triton, "triton_ops_to_kernels", None)
+    if isinstance(table, dict):
+        table[name] = kernels
+    elif name == "tp_kernels::qkv_rope":
+        warnings.warn(f"torch {torch.__version__} has no torch._library.triton.triton_ops_to_kernels: torch.compile's "
+                      "cache key will not cover tp_kernels' Triton kernels; clear the compile cache "
+                      "(TORCHINDUCTOR_CACHE_DIR) after editing them", RuntimeWarning, stacklevel=2)
+
+
 for _name, _impl in (("tp_kernels::qkv_rope", _qkv_rope), ("tp_kernels::qkv_rope_kv_cache", _qkv_rope_kv_cache)):
     torch.library.register_kernel(_name, "cuda", _impl)
     torch.library.register_torch_dispatch(_name, FunctionalTensorMode, _decompose_cuda_calls(_impl))
-    triton_ops_to_kernels[_name] = [qkv._qkv_rope_kernel, qkv._launch_code_key]
+    _list_kernels_for_the_cache_key(_name, [qkv._qkv_rope_kernel, qkv._launch_code_key])
