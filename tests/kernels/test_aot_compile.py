@@ -1,10 +1,13 @@
 """Every launch config of the Triton kernels compiles ahead of time for sm_80 and sm_90 without a GPU,
 with no register spills and shared memory within the device limit.
 
-The compiles run in a subprocess (`python -m tp_kernels.kernels.resources`) because this test session
-has TRITON_INTERPRET=1 set (conftest), under which @triton.jit kernels are interpreted Python and cannot
-be compiled. Triton caches the compiles (~/.triton/cache or TRITON_CACHE_DIR), so reruns take seconds.
+The compiles run in subprocesses, through the README's command (`python bench/kernel_resources.py`,
+which writes bench/results/kernel_resources.csv), because this test session has TRITON_INTERPRET=1 set
+(conftest), under which @triton.jit kernels are interpreted Python and cannot be compiled. Triton caches
+the compiles (~/.triton/cache or TRITON_CACHE_DIR), so reruns take seconds of compute (~45 s of wall
+time on the loaded 2-core VM).
 """
+import csv
 import json
 import os
 import subprocess
@@ -18,18 +21,29 @@ from tp_kernels.kernels import configs, resources  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMPILE_TIMEOUT_S = 500  # under pytest-timeout's 600 s; cold cache, 2 loaded cores: 108 s measured for 36 kernels
-# + probe, ~3 min for today's 56 + probe
+# + probe, ~3-4 min for today's 68
+PROBE_SCRIPT = """
+import dataclasses, json
+from tp_kernels.kernels import resources
+print(json.dumps(dataclasses.asdict(resources.compile_case(*resources._spill_probe_case()))))
+"""
+
+
+def _run(args):
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=COMPILE_TIMEOUT_S)
+    assert proc.returncode == 0, f"ahead-of-time compile failed:\n{proc.stderr[-4000:]}"
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "tp_kernels.kernels.resources", "--spill-probe"], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-    assert proc.returncode == 0, f"ahead-of-time compile failed:\n{proc.stderr[-4000:]}"
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    probe = [r for r in rows if r["kernel"] == resources.SPILL_PROBE[0]]
-    return [r for r in rows if r["kernel"] != resources.SPILL_PROBE[0]], probe
+    _run(["bench/kernel_resources.py"])  # the README's command, as printed there
+    with open(os.path.join(REPO_ROOT, "bench", "results", "kernel_resources.csv")) as f:
+        rows = [{k: (int(v) if v.isdigit() else v) for k, v in row.items()} for row in csv.DictReader(f)]
+    probe = [json.loads(line) for line in _run(["-c", PROBE_SCRIPT]).splitlines() if line.startswith("{")]
+    return rows, probe
 
 
 def test_every_config_compiles_for_sm80_and_sm90(compiled):

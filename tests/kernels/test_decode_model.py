@@ -25,3 +25,27 @@ def test_latency_bound_time_is_the_roofline_when_enough_is_in_flight():
     floor = perfmodel.roofline_time_s(flops, weight_bytes, hw)
     assert perfmodel.latency_bound_time_s(flops, weight_bytes, 160, 24 * 1024, hw) == floor
     assert perfmodel.latency_bound_time_s(flops, weight_bytes, 40, 12 * 1024, hw) > 4 * floor
+
+
+def test_bench_qkv_rope_modeled_rows():
+    """`python bench/qkv_rope.py --modeled`, as the README prints it: Llama-70B at TP=8 decodes one token
+    with >= 132 programs, modeled at the floor, and the pre-split-K tiles it replaced are modeled latency-
+    bound (~30 us, 40 programs)."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "bench/qkv_rope.py", "--modeled"], cwd=repo_root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(os.path.join(repo_root, "bench", "results", "qkv_rope.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["config"].startswith("model=llama3-70b tp=8")
+                and r["shape"].startswith("T=1 ")]
+    by_case = {r["case"]: r for r in rows}
+    assert set(by_case) == {"unfused", "fused", "fused-before"} and all(r["kind"] == "modeled" for r in rows)
+    programs = {case: int(r["config"].split("programs=")[1]) for case, r in by_case.items() if case != "unfused"}
+    assert programs == {"fused": 160, "fused-before": 40}, programs
+    fused, before = float(by_case["fused"]["median_us"]), float(by_case["fused-before"]["median_us"])
+    assert fused < 7 and 25 < before < 35, (fused, before)
