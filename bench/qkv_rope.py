@@ -10,8 +10,8 @@ both is *modeled* (rows say kind="modeled"; HARDWARE["H100"], datasheet constant
   ((num_stages - 1) pipelined BLOCK_N x BLOCK_K tiles) come from the kernel's own config table and
   split-K policy (tp_kernels.kernels.configs, sm_90), so a launch with too few programs or too little in
   flight is modeled slower than the floor, not at it.
-- fused-before: the same model for the decode tiles the kernel had before split-K (16 x 32 x 64, four
-  stages, no split), for contrast.
+- fused-before: the same model for the configs the kernel had before split-K, for contrast: at decode
+  the 16 x 32 x 64 tiles (four stages), beyond it today's tiles with K unsplit.
 Kernel-launch gaps are left out (the unfused sequence has four or more kernels, the fused one one).
 
     python bench/qkv_rope.py     # rows in bench/results/qkv_rope.{csv,json}, Markdown table on stdout
@@ -19,6 +19,7 @@ Kernel-launch gaps are left out (the unfused sequence has four or more kernels, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -51,6 +52,14 @@ def per_rank_heads(n_heads: int, n_kv_heads: int, tp: int):
 ARCH = "sm_90"  # the H100's config table
 # the 16-bit decode tile before split-K (commit 47b0cd0's table): 16 x 32 x 64, 4 warps, 4 stages
 DECODE_TILE_BEFORE = configs.TileConfig(16, 32, 64, num_warps=4, num_stages=4)
+
+
+def before_split_k(n_tokens):
+    """The config the kernel had for n_tokens before split-K: DECODE_TILE_BEFORE at decode, else today's
+    tile with split-K off."""
+    config = configs.QKV_CONFIGS[(ARCH, configs.dtype_class(DTYPE), configs.m_bucket(n_tokens))]
+    return DECODE_TILE_BEFORE if configs.m_bucket(n_tokens) == configs.M_BUCKETS[0] else \
+        dataclasses.replace(config, split_k=False)
 
 
 def fused_launch(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_dim, config):
@@ -136,14 +145,14 @@ def modeled_rows():
                                 median_us=fused * 1e6, p20_us=fused * 1e6, p80_us=fused * 1e6,
                                 gbps=fused_bytes / fused / 1e9, tflops=flops / fused / 1e12, baseline="unfused",
                                 ratio=unfused / fused, notes=notes, **common))
-                if configs.m_bucket(n_tokens) == configs.M_BUCKETS[0]:
-                    before, _, _, _, programs = modeled_times(n_tokens, hidden, nq, nkv, head_dim, with_bias, hw,
-                                                              DECODE_TILE_BEFORE)
-                    rows.append(Row(bench=BENCH, case="fused-before", config=f"{config} programs={programs}",
-                                    median_us=before * 1e6, p20_us=before * 1e6, p80_us=before * 1e6,
-                                    gbps=fused_bytes / before / 1e9, tflops=flops / before / 1e12,
-                                    baseline="unfused", ratio=unfused / before,
-                                    notes=notes + f"; tiles before split-K: {DECODE_TILE_BEFORE}", **common))
+                tile_before = before_split_k(n_tokens)
+                before, _, _, _, programs = modeled_times(n_tokens, hidden, nq, nkv, head_dim, with_bias, hw,
+                                                          tile_before)
+                rows.append(Row(bench=BENCH, case="fused-before", config=f"{config} programs={programs}",
+                                median_us=before * 1e6, p20_us=before * 1e6, p80_us=before * 1e6,
+                                gbps=fused_bytes / before / 1e9, tflops=flops / before / 1e12,
+                                baseline="unfused", ratio=unfused / before,
+                                notes=notes + f"; config before split-K: {tile_before}", **common))
     return rows
 
 
