@@ -15,6 +15,10 @@ device made outside any capture, cut into lanes; each stream gets its own lane, 
 streams at once never share a counter. Where no lane can be had (the first launch on a device happens
 inside a capture, all lanes taken, or a tracer is recording, where a persistent buffer cannot enter the
 graph) a launch gets fresh zeroed counters: one memset more, the same result.
+
+One limit, by construction: a CUDA graph keeps the lane of the stream it was captured on (torch.cuda.graph
+captures on one shared side stream by default), so two graphs captured on the same stream must not be
+replayed at the same time on two streams; replaying them one after another, on any stream, is safe.
 """
 from __future__ import annotations
 
