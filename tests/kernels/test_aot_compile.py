@@ -76,7 +76,8 @@ def test_decode_variants_compile_as_decode_runs_them(compiled):
         for dtype_class in configs.DTYPE_CLASSES:
             for kernel, suffix in (("qkv_rope", "_splitK_T1_kv1"), ("qkv_rope_kv_cache", "_splitK_T1_kv1"),
                                    ("qkv_rope", "_splitK"), ("matmul", "_M1")):
-                assert any(r["kernel"] == kernel and r["arch"] == arch and r["config"].startswith(f"{dtype_class}_M<=16")
+                decode = f"{dtype_class}_M<=16"
+                assert any(r["kernel"] == kernel and r["arch"] == arch and r["config"].startswith(decode)
                            and r["config"].endswith(suffix) for r in rows), (kernel, arch, dtype_class, suffix)
 
 
