@@ -16,6 +16,20 @@ reads:
   pass-through features [rotary_dim, head_dim), first half with second half, rotated by cos=1, sin=0;
 - none (and every v head): slot n holds feature n and nothing is rotated.
 Slots of pair index >= head_dim/2 (head_dim 80 and 96 pad to 128) read zero weights and are not stored.
+Under neox the even slots of a tile hold contiguous features of the head, and so do the odd ones, so the
+epilogue stores the two rotated halves as two contiguous blocks (vector stores; tests/kernels/
+test_aot_compile.py counts them in the PTX).
+
+Split-K. Where a launch has fewer tiles than the GPU has SMs (decode, and TP-sized N at small M), K is cut
+into split_k parts and each (tile, part) is a program (configs.split_k_for picks split_k). A part writes
+its fp32 partial tile to a workspace and counts itself in at its tile's arrival counter; the last part to
+arrive sums the partials in part order, runs the epilogue and zeroes the counter (the protocol is
+commented in the kernel; launch.py hands out the counters).
+
+Indices. positions[t] == -1 marks a padding token (reference.SKIP_POSITION): its k and v are written
+nowhere and its cos/sin row is row 0. The kernel clamps every cos/sin row into the table and writes no
+cache slot outside the caches, so an out-of-range index cannot touch memory it does not own; on CPU the
+launchers raise for one instead (checking on a GPU would cost a device sync per call).
 """
 from __future__ import annotations
 
