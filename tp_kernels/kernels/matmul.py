@@ -39,7 +39,7 @@ def _matmul_kernel(
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_valid = cols < N
-    acc = accumulate_tile(a_ptr, b_ptr, rows, cols, cols_valid, M, 0, K, stride_am, stride_ak, stride_bn, stride_bk,
+    acc = accumulate_tile(a_ptr, b_ptr, rows, cols, cols_valid, M, K, stride_am, stride_ak, stride_bn, stride_bk,
                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_OPERANDS, DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols_valid, other=0.0).to(tl.float32)[None, :]

@@ -97,11 +97,14 @@ def _qkv_rope_kernel(
         tile = tl.program_id(0) // split_k
         k_part = tl.program_id(0) % split_k
         k_start = k_part * k_per_split
-        k_end = tl.minimum(hidden, k_start + k_per_split)
+        x_part = x_ptr + k_start * stride_xk  # the part's first column; its length is k_len
+        w_part = w_ptr + k_start * stride_wk
+        k_len = tl.minimum(hidden - k_start, k_per_split)
     else:
         tile = tl.program_id(0)
-        k_start = 0
-        k_end = hidden
+        x_part = x_ptr
+        w_part = w_ptr
+        k_len = hidden
     tile_m, tile_n = grouped_tile_ids(tile, n_tiles_m, n_tiles_n, GROUP_M)
     head = tile_n // TILES_PER_HEAD
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)  # token indices
@@ -121,7 +124,7 @@ def _qkv_rope_kernel(
     features_valid = pairs < HALF_HEAD
     w_rows = head * HEAD_DIM + features
 
-    acc = accumulate_tile(x_ptr, w_ptr, rows, w_rows, features_valid, T, k_start, k_end,
+    acc = accumulate_tile(x_part, w_part, rows, w_rows, features_valid, T, k_len,
                           stride_xt, stride_xk, stride_wn, stride_wk,
                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_OPERANDS, DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
     is_last = True
