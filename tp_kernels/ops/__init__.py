@@ -50,7 +50,8 @@ def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: Optional[torch.Tensor]
 
     with n_q = n_heads_per_rank, n_kv = n_kv_heads_per_rank; rope_style "neox" rotates the two halves of
     the first rotary_dim features, "gptj" adjacent pairs, "none" skips it (cos_sin_cache may be None).
-    Returns q (T, n_q, head_dim), k and v (T, n_kv, head_dim), contiguous, in x's dtype.
+    Returns q (T, n_q, head_dim), k and v (T, n_kv, head_dim), contiguous, in x's dtype. A position of -1
+    marks a padding token and is rotated as position 0 (tp_kernels.reference.SKIP_POSITION).
     """
     require_extension()
     return torch.ops.tp_kernels.qkv_rope(x, w_qkv, b_qkv, cos_sin_cache, positions, n_heads_per_rank,
@@ -70,6 +71,10 @@ def qkv_rope_kv_cache(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: Optional[torc
         k_cache[cache_batch_index, positions] = k   # caches: (batch, max_seq, n_kv, head_dim)
         v_cache[cache_batch_index, positions] = v
         return q
+
+    except that a token at position -1 (a padding token of a CUDA-graph batch) writes nothing to the
+    caches. Other indices outside the caches raise on CPU; on a GPU, where a check would cost a device
+    sync per call, their k and v are written nowhere (tp_kernels.reference.SKIP_POSITION).
     """
     require_extension()
     return torch.ops.tp_kernels.qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin_cache, positions, cache_batch_index,
