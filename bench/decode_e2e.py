@@ -112,22 +112,8 @@ def forced_backend(tp, backend: Optional[str]):
     if backend is None:
         yield
         return
-    if hasattr(tp, "use_backend"):
-        with tp.use_backend(backend):
-            yield
-        return
-    # Until TPGroup.use_backend lands (issue 12): the chain cut to identity + backend, and the C++ op path
-    # re-registered so that it follows (it serves the shm group's op calls without asking the chain).
-    original = tp.communicators
-    if backend not in [c.name for c in original]:
-        raise ValueError(f"backend {backend!r} is not in the chain of group {tp.name!r}")
-    tp.communicators = [c for c in original if c.name in ("identity", backend)]
-    tp._register_native_cpu_path()
-    try:
+    with tp.use_backend(backend):
         yield
-    finally:
-        tp.communicators = original
-        tp._register_native_cpu_path()
 
 
 @contextlib.contextmanager
@@ -138,8 +124,9 @@ def counting_backend_calls(tp):
     import torch.distributed as dist
 
     counts = {"torch": 0, "shm": 0}
-    names = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
-    originals = {name: getattr(dist, name) for name in names}
+    names = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_tensor",
+             "broadcast")
+    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
 
     def counted(fn):
         def call(*args, **kwargs):

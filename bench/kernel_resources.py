@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of every Triton kernel config, compiled ahead of time for sm_80
 and sm_90 (no GPU needed). Prints a Markdown table and writes bench/results/kernel_resources.csv with
-columns kernel, config, arch, registers, spills, shared_bytes.
+columns kernel, config, arch, registers, spills, shared_bytes and the global stores of the PTX by width
+(vector_stores, scalar_stores).
 
     python bench/kernel_resources.py [--jobs 2]
 """
@@ -16,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import RESULTS_DIR  # noqa: E402
 from tp_kernels.kernels import resources  # noqa: E402
 
-COLUMNS = ["kernel", "config", "arch", "registers", "spills", "shared_bytes"]
+COLUMNS = ["kernel", "config", "arch", "registers", "spills", "shared_bytes", "vector_stores", "scalar_stores"]
 
 
 def main() -> None:

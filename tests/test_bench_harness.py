@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import tp_kernels  # noqa: F401  (first: the installed package, before the repo root goes on sys.path)
-from tp_kernels import perfmodel_decode as pd
-from tp_kernels.perfmodel import HARDWARE
+from tp_kernels.perf import decode_model as pd
+from tp_kernels.perf.cost_model import HARDWARE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The bench scripts put the repo root first on sys.path when imported (so they run from a checkout);

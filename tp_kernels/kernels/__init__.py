@@ -4,7 +4,9 @@
 - matmul.py: the plain GEMM y = x @ w.T + bias (`matmul`)
 - qkv.py: the fused QKV projection + bias + RoPE + head split, optionally writing the KV cache
   (`qkv_rope`, `qkv_rope_kv_cache`)
-- configs.py: launch configs per GPU arch, dtype and M bucket
+- configs.py: launch configs per GPU arch, dtype and M bucket, and the split-K policy
+- launch.py: how a launcher starts a kernel (directly in eager mode, through wrap_triton only while a
+  tracer records) and the split-K arrival counters
 - resources.py: ahead-of-time compile of every config for sm_80/sm_90 and its registers, spills and
   shared memory (needs no GPU)
 

@@ -3,9 +3,9 @@ overlapped GEMM + collective ops.
 
 Everything this module returns is *modeled*, never measured; benchmark rows built from it say so. A
 `Hardware` is either one of the GPUs of `HARDWARE` (datasheet constants) or calibrated on the running
-machine by tp_kernels.calibration (a short measurement, cached).
+machine by tp_kernels.perf.calibration (a short measurement, cached).
 
-Pipeline model of an op that splits M into k chunks (tp_kernels.ops.overlap): each chunk is a GEMM of
+Pipeline model of an op that splits M into k chunks (tp_kernels.ops.overlap_plan): each chunk is a GEMM of
 about M/k rows, g(k), and a collective of its rows, c(k) = alpha + algorithm bytes / link bandwidth.
 The first GEMM cannot overlap anything (pipeline fill), nor can the last collective (drain); in between,
 k - 1 stages each last max(g, c) plus the part of min(g, c) that the hardware cannot run concurrently:
@@ -165,3 +165,46 @@ def best_chunks(m: int, n: int, k: int, world_size: int, dtype: torch.dtype, hw:
         best = max(best, _argmin_chunks(bucket, n, k, world_size, dtype, hw, collective, max_chunks))
         bucket *= 2
     return best
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Latency-bound streaming (decode GEMMs): Little's law
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryLatency:
+    """What bounds a kernel that streams its operands with few loads in flight: by Little's law it moves
+    (bytes in flight) / (memory latency) per second, whatever the HBM peak."""
+
+    sm_count: int
+    dram_latency_ns: float  # loaded latency of a global load that misses L2
+    source: str
+
+
+# SM counts: datasheets (H100 SXM5 132, A100 SXM4 108; H800 SXM5 as H100). The latency is an assumption,
+# not a measurement: 700 ns, the figure behind issue 18's estimate for the old decode tiles (40 programs
+# x ~12 KB in flight -> ~0.7 TB/s); idle pointer-chase latencies are lower, a loaded memory system's higher.
+MEMORY_LATENCY = {
+    "H100-SXM5-80GB": MemoryLatency(132, 700.0, "H100 datasheet (132 SMs); latency 700 ns assumed"),
+    "H800-SXM5-80GB": MemoryLatency(132, 700.0, "as H100 SXM5; latency 700 ns assumed"),
+    "A100-SXM4-80GB": MemoryLatency(108, 700.0, "A100 datasheet (108 SMs); latency 700 ns assumed"),
+}
+
+
+def streaming_bandwidth_gbps(n_programs: int, bytes_in_flight_per_program: float, hw: Hardware,
+                             programs_per_sm: int = 1) -> float:
+    """The bandwidth a kernel of n_programs reaches when each keeps bytes_in_flight_per_program of
+    loads outstanding: resident programs x bytes in flight / latency, at most the HBM peak. At most
+    programs_per_sm programs run on an SM at once (shared memory and registers decide)."""
+    latency = MEMORY_LATENCY[hw.name]
+    resident = min(n_programs, latency.sm_count * programs_per_sm)
+    little = resident * bytes_in_flight_per_program / (latency.dram_latency_ns * 1e-9) / 1e9
+    return min(hw.hbm_gbps, little)
+
+
+def latency_bound_time_s(flops: float, bytes_moved: float, n_programs: int, bytes_in_flight_per_program: float,
+                         hw: Hardware, dtype: torch.dtype = torch.bfloat16, programs_per_sm: int = 1) -> float:
+    """roofline_time_s with the memory term at streaming_bandwidth_gbps instead of the HBM peak: the
+    floor when enough bytes are in flight, longer when too few programs keep too few loads outstanding."""
+    peak_tflops = hw.tflops_fp32 if dtype == torch.float32 else hw.tflops_bf16
+    bandwidth = streaming_bandwidth_gbps(n_programs, bytes_in_flight_per_program, hw, programs_per_sm)
+    return max(flops / (peak_tflops * 1e12), bytes_moved / (bandwidth * 1e9))
