@@ -248,6 +248,11 @@ def _note(row: Row, key: str) -> str:
     return next((n.split(key, 1)[1].strip() for n in row.notes.split("; ") if n.startswith(key)), "")
 
 
+def compile_note(row: Row) -> str:
+    seconds = _note(row, "compile")
+    return f"(compiled: {seconds})" if seconds else ""
+
+
 def markdown(rows: List[Row], roofline: dict, targets: List[tuple]) -> str:
     lines = [f"Roofline (matrix-vector product over 256 MiB fp32): one process {roofline['one_process_1_thread']:.1f} "
              f"GB/s on 1 thread, {roofline['one_process_2_threads']:.1f} GB/s on 2; two processes at once "
@@ -261,7 +266,8 @@ def markdown(rows: List[Row], roofline: dict, targets: List[tuple]) -> str:
             continue
         lines.append(f"| {row.case} | {tokens_per_s(row):.1f} | {row.median_us / 1e3:.1f} "
                      f"({row.p20_us / 1e3:.1f}-{row.p80_us / 1e3:.1f}) | {_note(row, 'roofline').split()[0]} | "
-                     f"{100 * row.ceiling_fraction:.0f}% | {_note(row, 'breakdown ms:')} | {_note(row, 'calls/token:')} "
+                     f"{100 * row.ceiling_fraction:.0f}% | {_note(row, 'breakdown ms:') or compile_note(row)} | "
+                     f"{_note(row, 'calls/token:')} "
                      f"| {'equal' if 'equal' in row.notes else 'DIFFER' if 'DIFFER' in row.notes else ''} |")
     lines += ["", "| target (issue 15) | measured | target | met |", "|---|---|---|---|"]
     for name, value, target in targets:
