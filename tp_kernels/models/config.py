@@ -211,6 +211,10 @@ PRESETS: Dict[str, ModelArgs] = {
     "gpt2": ModelArgs(family="gpt2", vocab_size=50257, dim=768, n_layers=12, n_heads=12, n_kv_heads=12,
                       intermediate_size=3072, max_seq_len=1024, norm_eps=1e-5, qkv_bias=True, o_bias=True,
                       mlp_bias=True, tie_word_embeddings=True, activation="gelu_tanh", eos_token_ids=(50256,)),
+    # The decode benchmark's model (bench/decode_e2e.py): 156 M parameters, 623 MB in fp32, so a step streams
+    # its weights from DRAM, and big enough that TP=2 beats TP=1 on a 2-core machine.
+    "llama-156m": ModelArgs(family="llama", vocab_size=32000, dim=1024, n_layers=8, n_heads=16, n_kv_heads=4,
+                            intermediate_size=2816, max_seq_len=2048, norm_eps=1e-5),
     "llama-3-8b": ModelArgs(family="llama", vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                             intermediate_size=14336, max_seq_len=8192, norm_eps=1e-5, rope_theta=500000.0),
 }
