@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import signal
 import subprocess
@@ -40,6 +41,7 @@ DEFAULT_RESULTS_DIR = os.path.join(BENCH_DIR, "results", "gpu")
 BENCH_RESULTS_ENV = "TP_KERNELS_BENCH_RESULTS_DIR"  # bench/common.py writes its rows there when set
 TOTAL_BUDGET_S = 480.0  # 8 minutes: the issue's bound for one H100, and 2 minutes inside the 10-minute command
 MIN_START_S = 5.0  # a step with less time left than this is not started (it could not even import torch)
+HAVE_XDIST = importlib.util.find_spec("xdist") is not None  # pytest-xdist: on the GPU machine's image
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,9 @@ class Step:
     """One unit of the check: a build, a group of pytest files, or a benchmark script.
 
     tests: `paths` are glob patterns relative to the repo root (files or directories), `marker` a pytest -m
-    expression, `exclude_paths` patterns of files left to other groups. build / bench: `argv` is the command
-    after the Python interpreter. `env` is added to the environment of that step only."""
+    expression, `exclude_paths` patterns of files left to other groups, `workers` pytest-xdist processes for
+    groups of single-process tests. build / bench: `argv` is the command after the Python interpreter. `env`
+    is added to the environment of that step only."""
 
     name: str
     kind: str  # "build", "tests" or "bench"
@@ -59,6 +62,7 @@ class Step:
     exclude_paths: Tuple[str, ...] = ()
     argv: Tuple[str, ...] = ()
     env: Tuple[Tuple[str, str], ...] = ()
+    workers: int = 0  # tests: pytest-xdist processes where it is installed (0: one process)
 
 
 def resolve(patterns: Sequence[str], root: str) -> List[str]:
@@ -73,8 +77,9 @@ def resolve(patterns: Sequence[str], root: str) -> List[str]:
 
 
 def test_step(name: str, budget_s: float, what: str, *paths: str, marker: str = "",
-              exclude_paths: Tuple[str, ...] = ()) -> Step:
-    return Step(name, "tests", budget_s, what, paths=paths, marker=marker, exclude_paths=exclude_paths)
+              exclude_paths: Tuple[str, ...] = (), workers: int = 0) -> Step:
+    return Step(name, "tests", budget_s, what, paths=paths, marker=marker, exclude_paths=exclude_paths,
+                workers=workers)
 
 
 # The test groups' patterns; the catch-all group leaves their files to them.
@@ -91,17 +96,19 @@ GROUPED_TESTS = TRITON_TESTS + IPC_TESTS + GEMM_COLLECTIVE_TESTS + DECODER_TESTS
 STEPS: Tuple[Step, ...] = (
     Step("build", "build", 90, "tp_kernels._C in place: C++ and CUDA sources for this GPU's arch, all cores",
          argv=("setup.py", "build_ext", "--inplace"), env=(("TP_KERNELS_BUILD_CUDA", "1"),)),
-    test_step("triton", 75, "Triton kernels compiled, vs the float64 reference", *TRITON_TESTS),
+    # each parametrization JIT-compiles its own kernel specialization (~1-3 s each, one at a time in a
+    # process): 8 xdist processes compile side by side on the GPU machine's 16 cores
+    test_step("triton", 75, "Triton kernels compiled, vs the float64 reference", *TRITON_TESTS, workers=8),
     test_step("cuda_ipc", 90, "CUDA IPC all-reduce: one-shot, two-shot, fused norm, graphs, back-to-back, timeout",
               *IPC_TESTS),
     test_step("gemm_collective", 60, "overlapped and fused GEMM + collective ops", *GEMM_COLLECTIVE_TESTS),
     test_step("decoder", 40, "decoder tokens: TP=1 vs TP=2 vs the unsharded Hugging Face model", *DECODER_TESTS),
-    test_step("other_gpu", 30, "every other test marked gpu", "tests", marker="gpu", exclude_paths=GROUPED_TESTS),
+    test_step("other_gpu", 25, "every other test marked gpu", "tests", marker="gpu", exclude_paths=GROUPED_TESTS),
     Step("bench_qkv_rope", "bench", 35, "qkv_rope fused vs unfused (do_bench)", argv=("bench/qkv_rope.py",)),
     Step("bench_collectives", "bench", 40,
          "all-reduce per backend vs NCCL, fused all-reduce + norm vs steps, GEMM + all-reduce vs sequential",
          argv=("bench/gpu_collectives.py",)),
-    Step("bench_decode", "bench", 20, "decode tokens/s, Llama-3-8B shape, bf16, batch 1",
+    Step("bench_decode", "bench", 25, "decode tokens/s, Llama-3-8B shape, bf16, batch 1",
          argv=("bench/gpu_decode.py",)),
 )
 
@@ -165,8 +172,10 @@ def command(step: Step, root: str, python: str = sys.executable) -> Tuple[Option
     missing = [p for p in step.paths if not glob.glob(os.path.join(root, p))]
     if not paths:
         return None, missing
-    argv = [python, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", f"--timeout={pytest_timeout_s(step.budget_s)}",
-            *paths]
+    argv = [python, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", f"--timeout={pytest_timeout_s(step.budget_s)}"]
+    if step.workers and HAVE_XDIST:
+        argv += ["-n", str(step.workers)]
+    argv += paths
     if step.marker:
         argv += ["-m", step.marker]
     argv += [f"--ignore={p}" for p in resolve(step.exclude_paths, root)]
@@ -270,6 +279,8 @@ def plan_lines(steps: Sequence[Step], root: str, facts: Optional[Dict[str, str]]
             lines.append(f"      not present: no file matches {', '.join(missing)}")
             continue
         lines.append(f"      $ {' '.join(argv)}")
+        if step.workers and not HAVE_XDIST:
+            lines.append(f"      one process: pytest-xdist is not installed here (-n {step.workers} where it is)")
         if missing:
             lines.append(f"      not present: {', '.join(missing)}")
     return lines

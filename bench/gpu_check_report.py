@@ -15,9 +15,11 @@ STEPS_CSV = "gpu_check.csv"
 STEPS_PNG = "gpu_check.png"
 MAX_LISTED = 5  # failures / skip reasons shown per step on the screen (all are in SUMMARY.md and the logs)
 
-# `tests/gpu/test_x.py::test_a[p] PASSED   [ 10%]` (pytest -v): counted while a group runs, so an overrun
-# group still reports what it finished
+# `tests/gpu/test_x.py::test_a[p] PASSED   [ 10%]` (pytest -v), or with pytest-xdist
+# `[gw3] [ 10%] PASSED tests/gpu/test_x.py::test_a[p]`: counted while a group runs, so an overrun group
+# still reports what it finished
 _PROGRESS = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", re.M)
+_PROGRESS_XDIST = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+::\S+)", re.M)
 # `==== 1 failed, 10 passed, 2 skipped in 12.34s ====`: the whole group's counts, when it finished
 _FINAL = re.compile(r"^=+ (.*\d+ \w+.*) in [\d.]+s.* =+$", re.M)
 _COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
@@ -47,6 +49,11 @@ class StepResult:
         return ", ".join(f"{self.counts[k]} {k}" for k in order if self.counts.get(k))
 
 
+def _progress(output: str) -> List[Tuple[str, str]]:
+    """(node id, status) of every test pytest -v reported, in order."""
+    return _PROGRESS.findall(output) + [(nodeid, status) for status, nodeid in _PROGRESS_XDIST.findall(output)]
+
+
 def parse_pytest_output(output: str) -> Tuple[Dict[str, int], List[str], List[str]]:
     """(counts, skip reasons, failure lines) of a pytest -v -rfEs run, finished or killed midway."""
     finals = _FINAL.findall(output)
@@ -56,7 +63,7 @@ def parse_pytest_output(output: str) -> Tuple[Dict[str, int], List[str], List[st
             counts["error" if word.startswith("error") else word] = int(n)
     else:  # killed before its summary: count the tests it reported
         last: Dict[str, str] = {}
-        for nodeid, status in _PROGRESS.findall(output):
+        for nodeid, status in _progress(output):
             last[nodeid] = _STATUS_KEY[status]
         counts = {}
         for status in last.values():
@@ -64,8 +71,7 @@ def parse_pytest_output(output: str) -> Tuple[Dict[str, int], List[str], List[st
     skips = [f"{n} x {reason} ({where})" for n, where, reason in _SKIP.findall(output)]
     failures = _FAILURE.findall(output)
     if not failures:
-        failures = [f"{status} {nodeid}" for nodeid, status in _PROGRESS.findall(output)
-                    if status in ("FAILED", "ERROR")]
+        failures = [f"{status} {nodeid}" for nodeid, status in _progress(output) if status in ("FAILED", "ERROR")]
     return counts, skips, failures
 
 

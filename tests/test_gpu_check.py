@@ -113,6 +113,13 @@ def test_parse_a_killed_run_counts_the_tests_it_reported():
     assert failures == ["FAILED tests/gpu/test_a.py::test_two[x]"]
 
 
+def test_parse_a_killed_xdist_run():
+    killed = ("[gw1] [ 50%] PASSED tests/gpu/test_a.py::test_one \n"
+              "[gw0] [100%] ERROR tests/gpu/test_a.py::test_two[x] \n")
+    counts, _, failures = parse_pytest_output(killed)
+    assert counts == {"passed": 1, "error": 1} and failures == ["ERROR tests/gpu/test_a.py::test_two[x]"]
+
+
 def test_headline_summarizes_ratios_and_says_why_a_case_did_not_run():
     env = {"device": "NVIDIA H200", "torch": "t", "triton": "t", "commit": "c"}
     rows = [Row(bench="b", case="fused", config="", dtype="bf16", shape=str(i), world_size=1, median_us=1.0,
