@@ -17,22 +17,20 @@ so a run stopped by gpu-check's budget keeps what it measured.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import os
 import sys
-import tempfile
 from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import RESULTS_DIR, Row, markdown_table, plot_lines, timing_from_samples, write_rows  # noqa: E402
+from bench.gpu_ranks import parse_args, run_ranks  # noqa: E402
 
 BENCH = "gpu_collectives"
 WORLD_SIZE = 2
@@ -169,24 +167,11 @@ def _rank(rank: int, init_file: str, results_dir: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results-dir", default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_collectives: no CUDA GPU visible; nothing measured", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_rank, args=(r, os.path.join(tmp, "init"), args.results_dir))
-                 for r in range(WORLD_SIZE)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-    failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
+    args = parse_args(BENCH, __doc__.splitlines()[0], RESULTS_DIR, argv)
+    exit_codes = run_ranks(WORLD_SIZE, _rank, args.results_dir)
+    failed = [r for r, code in enumerate(exit_codes) if code != 0]
     if failed:
-        print(f"gpu_collectives: ranks {failed} failed (exit codes {[procs[r].exitcode for r in failed]})",
-              file=sys.stderr)
+        print(f"{BENCH}: ranks {failed} failed (exit codes {exit_codes})", file=sys.stderr)
         return 1
     return 0
 

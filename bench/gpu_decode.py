@@ -11,12 +11,10 @@ ceiling_fraction = gbps / the copy bandwidth.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import os
 import sys
-import tempfile
 from typing import List
 
 import torch
@@ -26,6 +24,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import RESULTS_DIR, Row, markdown_table, measure_cuda, timing_from_samples, write_rows  # noqa: E402
+from bench.gpu_ranks import parse_args, run_ranks  # noqa: E402
 
 BENCH = "gpu_decode"
 PRESET = "llama-3-8b"  # 8.0 G parameters, 16 GB in bf16: one decode step streams them all
@@ -86,25 +85,16 @@ def _tp2_rank(rank: int, init_file: str, queue) -> None:
 
 
 def tp2_samples():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_tp2_rank, args=(r, os.path.join(tmp, "init"), queue)) for r in range(2)]
-        for p in procs:
-            p.start()
-        result = queue.get(timeout=300)
-        for p in procs:
-            p.join()
-    return result
+    """TP=2 decode on two GPUs (NCCL): rank 0's samples and weight bytes."""
+    queue = mp.get_context("spawn").Queue()
+    exit_codes = run_ranks(2, _tp2_rank, queue)
+    if any(exit_codes):
+        raise RuntimeError(f"{BENCH}: TP=2 ranks exited with {exit_codes}")
+    return queue.get(timeout=10)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results-dir", default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_decode: no CUDA GPU visible; nothing measured", file=sys.stderr)
-        return 2
+    args = parse_args(BENCH, __doc__.splitlines()[0], RESULTS_DIR, argv)
     from tp_kernels.distributed import TPGroup
 
     ceiling = copy_gb_per_s()
