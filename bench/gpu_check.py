@@ -99,10 +99,10 @@ STEPS: Tuple[Step, ...] = (
     # each parametrization JIT-compiles its own kernel specialization (~1-3 s each, one at a time in a
     # process): 8 xdist processes compile side by side on the GPU machine's 16 cores
     test_step("triton", 75, "Triton kernels compiled, vs the float64 reference", *TRITON_TESTS, workers=8),
-    test_step("cuda_ipc", 90, "CUDA IPC all-reduce: one-shot, two-shot, fused norm, graphs, back-to-back, timeout",
+    test_step("cuda_ipc", 85, "CUDA IPC all-reduce: one-shot, two-shot, fused norm, graphs, back-to-back, timeout",
               *IPC_TESTS),
-    test_step("gemm_collective", 60, "overlapped and fused GEMM + collective ops", *GEMM_COLLECTIVE_TESTS),
-    test_step("decoder", 40, "decoder tokens: TP=1 vs TP=2 vs the unsharded Hugging Face model", *DECODER_TESTS),
+    test_step("gemm_collective", 55, "overlapped and fused GEMM + collective ops", *GEMM_COLLECTIVE_TESTS),
+    test_step("decoder", 50, "decoder tokens: TP=1 vs TP=2 vs the unsharded Hugging Face model", *DECODER_TESTS),
     test_step("other_gpu", 25, "every other test marked gpu", "tests", marker="gpu", exclude_paths=GROUPED_TESTS),
     Step("bench_qkv_rope", "bench", 35, "qkv_rope fused vs unfused (do_bench)", argv=("bench/qkv_rope.py",)),
     Step("bench_collectives", "bench", 40,
@@ -177,7 +177,8 @@ def command(step: Step, root: str, python: str = sys.executable) -> Tuple[Option
         argv += ["-n", str(step.workers)]
     argv += paths
     if step.marker:
-        argv += ["-m", step.marker]
+        # a module that fails to import elsewhere in the tree must not stop the marked tests from running
+        argv += ["-m", step.marker, "--continue-on-collection-errors"]
     argv += [f"--ignore={p}" for p in resolve(step.exclude_paths, root)]
     return argv, missing
 
@@ -307,10 +308,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         print("\n".join(plan_lines(steps, REPO_ROOT, None)))
         return 0
+    try:
+        import torch
+    except ImportError as exc:
+        print(f"gpu-check: {sys.executable} cannot import torch ({exc}): nothing run; give the node's Python "
+              "with PYTHON=", file=sys.stderr)
+        return 2
     facts = gpu_facts()
     if facts is None:
-        import torch
-
         print(f"gpu-check: no CUDA GPU visible to this Python (torch {torch.__version__}, CUDA build "
               f"{torch.version.cuda}): nothing run; `python bench/gpu_check.py --dry-run` lists what would run",
               file=sys.stderr)
