@@ -195,15 +195,17 @@ def _plot_steps(results: Sequence[StepResult], path: str) -> Optional[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(results) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(results) + 1.6))
     names = [r.name for r in results][::-1]
     ordered = list(results)[::-1]
     ax.barh(names, [r.budget_s for r in ordered], color="none", edgecolor="black", label="budget")
     ax.barh(names, [r.seconds for r in ordered], color=[_STATUS_COLOR.get(r.status, "tab:blue") for r in ordered],
             label="time taken (colour: result)")
+    for y, r in enumerate(ordered):
+        ax.text(r.seconds + 0.01 * max(r.budget_s for r in ordered), y, r.status, va="center", fontsize=8)
     ax.set_xlabel("seconds")
     ax.set_title("gpu-check: time per step vs its budget")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
