@@ -65,17 +65,17 @@ GPU_IMAGE_PYTHON ?= $(or $(lastword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin
 GPU_IMAGE_TESTS := tests/test_import.py tests/test_ops.py tests/kernels
 
 test-gpu-image: $(GPU_IMAGE_VENV)/.built
-	cd $(GPU_IMAGE_VENV) && TP_KERNELS_EXPECT_CUDA_BUILD=1 bin/python -m pytest -c ../pyproject.toml --rootdir .. \
-		$(addprefix ../,$(GPU_IMAGE_TESTS)) $(PYTEST_ARGS)
+	TP_KERNELS_EXPECT_CUDA_BUILD=1 $(GPU_IMAGE_PY) -m pytest $(GPU_IMAGE_TESTS) $(PYTEST_ARGS)
 
 $(GPU_IMAGE_VENV)/.deps: requirements-gpu-image.txt
 	test -x $(GPU_IMAGE_PY) || $(GPU_IMAGE_PYTHON) -m venv $(GPU_IMAGE_VENV)
 	$(GPU_IMAGE_PY) -m pip install -q -r requirements-gpu-image.txt
 	touch $@
 
-# Non-editable, like .venv-cpu: its _C lives in its own site-packages (objects in build/temp-*-torch2.11.0*).
-$(GPU_IMAGE_VENV)/.built: $(GPU_IMAGE_VENV)/.deps $(EXT_SOURCES) $(shell find tp_kernels -name '*.py' 2>/dev/null)
-	TP_KERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0a $(GPU_IMAGE_PY) -m pip install -q . --no-build-isolation --no-deps
+# Editable, like .venv: Python 3.12's extension is tp_kernels/_C.cpython-312-*.so, beside .venv's 3.11 one
+# (objects in build/temp-cuda-torch2.11.0*), so the tests run from the tree as they do on the GPU machine.
+$(GPU_IMAGE_VENV)/.built: $(GPU_IMAGE_VENV)/.deps $(EXT_SOURCES)
+	TP_KERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0a $(GPU_IMAGE_PY) -m pip install -q -e . --no-build-isolation --no-deps
 	touch $@
 
 # On a GPU node: the Python already there (python3 unless PYTHON is given on the command line), no venv.
