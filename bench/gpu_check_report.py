@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 STEPS_CSV = "gpu_check.csv"
 STEPS_PNG = "gpu_check.png"
 MAX_LISTED = 5  # failures / skip reasons shown per step on the screen (all are in SUMMARY.md and the logs)
+SCREEN_WIDTH = 160  # characters of a failure or skip line on the screen (whole in SUMMARY.md)
 
 # `tests/gpu/test_x.py::test_a[p] PASSED   [ 10%]` (pytest -v), or with pytest-xdist
 # `[gw3] [ 10%] PASSED tests/gpu/test_x.py::test_a[p]`: counted while a group runs, so an overrun group
@@ -54,6 +55,15 @@ def _progress(output: str) -> List[Tuple[str, str]]:
     return _PROGRESS.findall(output) + [(nodeid, status) for status, nodeid in _PROGRESS_XDIST.findall(output)]
 
 
+def _grouped_skips(found: Sequence[Tuple[str, str, str]]) -> List[str]:
+    """`N x reason (file:line, file:line)` per distinct reason: one GPU skips many tests for one reason."""
+    by_reason: Dict[str, Tuple[int, List[str]]] = {}
+    for n, where, reason in found:
+        count, places = by_reason.get(reason, (0, []))
+        by_reason[reason] = (count + int(n), places + [where])
+    return [f"{count} x {reason} ({', '.join(places)})" for reason, (count, places) in by_reason.items()]
+
+
 def parse_pytest_output(output: str) -> Tuple[Dict[str, int], List[str], List[str]]:
     """(counts, skip reasons, failure lines) of a pytest -v -rfEs run, finished or killed midway."""
     finals = _FINAL.findall(output)
@@ -68,7 +78,7 @@ def parse_pytest_output(output: str) -> Tuple[Dict[str, int], List[str], List[st
         counts = {}
         for status in last.values():
             counts[status] = counts.get(status, 0) + 1
-    skips = [f"{n} x {reason} ({where})" for n, where, reason in _SKIP.findall(output)]
+    skips = _grouped_skips(_SKIP.findall(output))
     failures = _FAILURE.findall(output)
     if not failures:
         failures = [f"{status} {nodeid}" for nodeid, status in _progress(output) if status in ("FAILED", "ERROR")]
@@ -126,9 +136,9 @@ def summary_lines(results: Sequence[StepResult], facts: Dict[str, str], results_
                      f"{_join(r.counts_text(), r.detail)}")
     for r in results:
         for reason in r.skip_reasons[:MAX_LISTED]:
-            lines.append(f"  {r.name} skipped: {reason}")
+            lines.append(f"  {r.name} skipped: {reason}"[:SCREEN_WIDTH])
         for failure in r.failures[:MAX_LISTED]:
-            lines.append(f"  {r.name} {failure[:160]}")
+            lines.append(f"  {r.name} {failure}"[:SCREEN_WIDTH])
         hidden = max(0, len(r.skip_reasons) - MAX_LISTED) + max(0, len(r.failures) - MAX_LISTED)
         if hidden:
             lines.append(f"  {r.name}: {hidden} more in {r.log}")

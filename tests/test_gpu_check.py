@@ -98,6 +98,7 @@ tests/gpu/test_a.py::test_two[x] FAILED                                  [ 66%]
 tests/gpu/test_a.py::test_three SKIPPED (needs 2 GPUs)                   [100%]
 =========================== short test summary info ============================
 SKIPPED [1] tests/gpu/test_a.py:40: needs >= 2 CUDA GPUs on one node
+SKIPPED [3] tests/gpu/test_b.py:12: needs >= 2 CUDA GPUs on one node
 FAILED tests/gpu/test_a.py::test_two[x] - AssertionError: rank 1 differs
 ============== 1 failed, 1 passed, 1 skipped, 2 warnings in 12.34s ==============
 """
@@ -106,7 +107,7 @@ FAILED tests/gpu/test_a.py::test_two[x] - AssertionError: rank 1 differs
 def test_parse_a_finished_run_uses_pytests_own_counts():
     counts, skips, failures = parse_pytest_output(FINISHED)
     assert counts == {"failed": 1, "passed": 1, "skipped": 1}
-    assert skips == ["1 x needs >= 2 CUDA GPUs on one node (tests/gpu/test_a.py:40)"]
+    assert skips == ["4 x needs >= 2 CUDA GPUs on one node (tests/gpu/test_a.py:40, tests/gpu/test_b.py:12)"]
     assert failures == ["FAILED tests/gpu/test_a.py::test_two[x] - AssertionError: rank 1 differs"]
 
 
