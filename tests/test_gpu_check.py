@@ -47,6 +47,12 @@ def test_dry_run_lists_every_step_in_order_with_its_budget_and_command():
     assert "$ python setup.py build_ext --inplace" in out
 
 
+def test_only_selects_steps_in_run_order_and_rejects_unknown_names():
+    assert [s.name for s in gpu_check.select("decoder,triton")] == ["triton", "decoder"]
+    with pytest.raises(SystemExit, match=r"unknown steps \['tritn'\]"):
+        gpu_check.select("tritn")
+
+
 def test_every_gpu_test_file_is_run_by_a_group():
     """A file under tests/gpu is either matched by a named group or marked gpu (the catch-all group's -m)."""
     listing = "\n".join(gpu_check.plan_lines(gpu_check.STEPS, REPO_ROOT, None))
