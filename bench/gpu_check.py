@@ -76,7 +76,7 @@ def resolve(patterns: Sequence[str], root: str) -> List[str]:
     return found
 
 
-def test_step(name: str, budget_s: float, what: str, *paths: str, marker: str = "",
+def group_of_tests(name: str, budget_s: float, what: str, *paths: str, marker: str = "",
               exclude_paths: Tuple[str, ...] = (), workers: int = 0) -> Step:
     return Step(name, "tests", budget_s, what, paths=paths, marker=marker, exclude_paths=exclude_paths,
                 workers=workers)
@@ -98,12 +98,12 @@ STEPS: Tuple[Step, ...] = (
          argv=("setup.py", "build_ext", "--inplace"), env=(("TP_KERNELS_BUILD_CUDA", "1"),)),
     # each parametrization JIT-compiles its own kernel specialization (~1-3 s each, one at a time in a
     # process): 8 xdist processes compile side by side on the GPU machine's 16 cores
-    test_step("triton", 75, "Triton kernels compiled, vs the float64 reference", *TRITON_TESTS, workers=8),
-    test_step("cuda_ipc", 85, "CUDA IPC all-reduce: one-shot, two-shot, fused norm, graphs, back-to-back, timeout",
+    group_of_tests("triton", 75, "Triton kernels compiled, vs the float64 reference", *TRITON_TESTS, workers=8),
+    group_of_tests("cuda_ipc", 85, "CUDA IPC all-reduce: one-shot, two-shot, fused norm, graphs, back-to-back, timeout",
               *IPC_TESTS),
-    test_step("gemm_collective", 55, "overlapped and fused GEMM + collective ops", *GEMM_COLLECTIVE_TESTS),
-    test_step("decoder", 50, "decoder tokens: TP=1 vs TP=2 vs the unsharded Hugging Face model", *DECODER_TESTS),
-    test_step("other_gpu", 25, "every other test marked gpu", "tests", marker="gpu", exclude_paths=GROUPED_TESTS),
+    group_of_tests("gemm_collective", 55, "overlapped and fused GEMM + collective ops", *GEMM_COLLECTIVE_TESTS),
+    group_of_tests("decoder", 50, "decoder tokens: TP=1 vs TP=2 vs the unsharded Hugging Face model", *DECODER_TESTS),
+    group_of_tests("other_gpu", 25, "every other test marked gpu", "tests", marker="gpu", exclude_paths=GROUPED_TESTS),
     Step("bench_qkv_rope", "bench", 35, "qkv_rope fused vs unfused (do_bench)", argv=("bench/qkv_rope.py",)),
     Step("bench_collectives", "bench", 40,
          "all-reduce per backend vs NCCL, fused all-reduce + norm vs steps, GEMM + all-reduce vs sequential",
