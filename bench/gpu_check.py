@@ -172,7 +172,8 @@ def command(step: Step, root: str, python: str = sys.executable) -> Tuple[Option
     missing = [p for p in step.paths if not glob.glob(os.path.join(root, p))]
     if not paths:
         return None, missing
-    argv = [python, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", f"--timeout={pytest_timeout_s(step.budget_s)}"]
+    argv = [python, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider",
+            f"--timeout={pytest_timeout_s(step.budget_s)}"]
     if step.workers and HAVE_XDIST:
         argv += ["-n", str(step.workers)]
     argv += paths

@@ -109,7 +109,8 @@ def main(argv=None) -> int:
                         shape="", world_size=2, median_us=math.nan, p20_us=math.nan, p80_us=math.nan,
                         notes="needs 2 GPUs (1 visible): NCCL cannot put two ranks on one device"))
     write_rows(BENCH, rows, args.results_dir)
-    print(markdown_table(rows, ["case", "config", "median_us", "p20_us", "p80_us", "gbps", "ceiling_fraction", "notes"]))
+    print(markdown_table(rows, ["case", "config", "median_us", "p20_us", "p80_us", "gbps", "ceiling_fraction",
+                                "notes"]))
     return 0
 
 

@@ -29,7 +29,8 @@ def run_ranks(world_size: int, target: Callable, *args) -> List[int]:
     file:// path in a temporary directory); their exit codes once all have ended."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=target, args=(rank, os.path.join(tmp, "init"), *args)) for rank in range(world_size)]
+        procs = [ctx.Process(target=target, args=(rank, os.path.join(tmp, "init"), *args))
+                 for rank in range(world_size)]
         for p in procs:
             p.start()
         for p in procs:
