@@ -15,7 +15,7 @@ import tp_kernels  # noqa: F401  (first: the package under test, before the repo
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _saved_path = list(sys.path)
 sys.path.append(REPO_ROOT)
-from bench import gpu_check  # noqa: E402
+from bench import gpu_check, gpu_collectives, gpu_decode  # noqa: E402
 from bench.common import Row  # noqa: E402
 from bench.gpu_check import Step  # noqa: E402
 from bench.gpu_check_report import headline_lines, parse_pytest_output, summary_lines, write_results  # noqa: E402
@@ -93,6 +93,16 @@ def test_make_gpu_check_without_a_gpu_says_so_in_one_line_and_fails(python):
     assert len(mine) == 1, proc.stderr
     assert ("no CUDA GPU visible" in mine[0]) or (python is None and "cannot import torch" in mine[0]), mine[0]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, the benchmark would run")
+@pytest.mark.parametrize("bench", [gpu_collectives, gpu_decode], ids=lambda m: m.__name__)
+def test_gpu_benchmarks_without_a_gpu_say_so_and_exit_2(bench, capsys):
+    """The benchmarks gpu-check runs import and parse their arguments here; their measuring needs a GPU."""
+    with pytest.raises(SystemExit) as exc:
+        bench.main([])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"{bench.BENCH}: no CUDA GPU visible; nothing measured\n"
 
 
 # ----------------------------------------------------------------------------------------------------------
