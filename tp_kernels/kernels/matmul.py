@@ -70,7 +70,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None
     config = configs.matmul_config(a.device, a.dtype, n_rows)
     grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(n_cols, config.block_n),)
     interpreting = a.device.type == "cpu"
-    (_matmul_kernel if interpreting else wrap_triton(_matmul_kernel))[grid](
+    wrap_triton(_matmul_kernel)[grid](
         a, b, a if bias is None else bias.contiguous(), c,
         n_rows, n_cols, a.shape[1],
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),

@@ -187,7 +187,7 @@ def _launch(x, w_qkv, b_qkv, cos_sin_cache, positions, batch_index, q, k_dst, v_
     cos_sin = x if rope_style == "none" else cos_sin_cache
     cs_strides = (0, 0) if rope_style == "none" else cos_sin_cache.stride()
     interpreting = x.device.type == "cpu"
-    (_qkv_rope_kernel if interpreting else wrap_triton(_qkv_rope_kernel))[grid](
+    wrap_triton(_qkv_rope_kernel)[grid](
         x, w_qkv, x if b_qkv is None else b_qkv.contiguous(), cos_sin, positions.contiguous(),
         batch_index.contiguous() if write_kv_cache else positions, q, k_dst, v_dst,
         n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank,
