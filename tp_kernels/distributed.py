@@ -87,7 +87,8 @@ class TorchCommunicator(Communicator):
 
     def all_gather(self, x: torch.Tensor, world_size: int, dim: int) -> torch.Tensor:
         out = torch.empty((world_size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_single(out, x.contiguous(), group=self.group)
+        with torch.no_grad():  # gloo fills out through views; with grad mode on (x requiring grad) that raised
+            dist.all_gather_single(out, x.contiguous(), group=self.group)
         if dim == 0:
             return out
         # (world_size * d0, ...) -> cat along dim: move each rank's block next to the others along dim
