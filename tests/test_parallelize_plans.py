@@ -416,3 +416,15 @@ def test_head_parallel_linear_keeps_the_heads_of_its_rank(world_size, n_heads):
 
 def test_every_table_family_is_tested():
     assert sorted(FAMILY_PLANS) == sorted(type(pm.build(f)).__name__ for f in pm.TABLE_FAMILIES)
+
+
+def test_the_readme_custom_plan_is_the_tested_one():
+    """The README's TPPlan snippet, executed, equals the plan the custom-model tests convert with."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in readme.split("```python")[1:] if "plan = TPPlan(" in b).split("```")[0]
+    code = block.split("tp_kernels.parallelize(model, tp, plan=plan)")[0]
+    namespace = {}
+    exec(code, namespace)
+    assert namespace["plan"] == pm.toy_plan()

@@ -95,22 +95,24 @@ def test_corrupt_safetensors_file_is_named(checkpoint, corruption):
         _load(checkpoint)
 
 
-def test_corrupt_index_is_named(tmp_path):
+def _sharded_checkpoint(tmp_path):
+    """(directory, index path) of a sharded checkpoint written by transformers."""
     pytest.importorskip("transformers", reason="writes the sharded checkpoint with save_pretrained")
     _, model = hf_models.build("llama")
     path = hf_models.save(model, str(tmp_path / "sharded"), sharded=True)
-    index = os.path.join(path, "model.safetensors.index.json")
+    return path, os.path.join(path, "model.safetensors.index.json")
+
+
+def test_corrupt_index_is_named(tmp_path):
+    path, index = _sharded_checkpoint(tmp_path)
     with open(index, "w") as f:
         f.write("{ not json")
-    with pytest.raises(ValueError, match=r"model.safetensors.index.json is not valid JSON .*'weight_map'"):
+    with pytest.raises(ValueError, match=r"checkpoint index .*model.safetensors.index.json is not valid JSON .*'weight_map'"):
         SafetensorsSource(path)
 
 
 def test_index_that_places_a_tensor_in_the_wrong_file_is_named(tmp_path):
-    pytest.importorskip("transformers", reason="writes the sharded checkpoint with save_pretrained")
-    _, model = hf_models.build("llama")
-    path = hf_models.save(model, str(tmp_path / "sharded"), sharded=True)
-    index_path = os.path.join(path, "model.safetensors.index.json")
+    path, index_path = _sharded_checkpoint(tmp_path)
     with open(index_path) as f:
         index = json.load(f)
     files = sorted(set(index["weight_map"].values()))

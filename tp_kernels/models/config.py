@@ -193,6 +193,16 @@ class _ConfigReader:
         return tuple(ids)
 
 
+def read_json(path: str, what: str, expected: str):
+    """The JSON value in the file at path; a file that is not JSON raises naming it (`what` path) and the
+    expected form."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{what} {path} is not valid JSON ({exc}); expected {expected}") from None
+
+
 def _read_config(path_or_dict) -> Tuple[Dict[str, Any], str]:
     """(the config as a dict, how to name it in errors)."""
     if isinstance(path_or_dict, Mapping):
@@ -202,12 +212,7 @@ def _read_config(path_or_dict) -> Tuple[Dict[str, Any], str]:
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no Hugging Face config at {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"config {path} is not valid JSON ({exc}); expected a Hugging Face config.json "
-                         "object") from None
+    config = read_json(path, "config", "a Hugging Face config.json object")
     if not isinstance(config, dict):
         raise ValueError(f"config {path} holds a JSON {type(config).__name__}; expected an object of fields")
     return config, f"config {path}"

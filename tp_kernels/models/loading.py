@@ -17,7 +17,6 @@ row range. Peak memory per rank stays at its shard plus one tensor-slice.
 from __future__ import annotations
 
 import abc
-import json
 import os
 import re
 import warnings
@@ -26,7 +25,7 @@ from typing import Dict, KeysView, List, Sequence, Set, Tuple
 import torch
 
 from tp_kernels.layers import ParallelLMHead
-from tp_kernels.models.config import ModelArgs
+from tp_kernels.models.config import ModelArgs, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers old checkpoints saved that this model recomputes: GPT-2's causal mask, Llama's inverse frequencies.
@@ -157,12 +156,7 @@ class SafetensorsSource(TensorSource):
 
     @staticmethod
     def _read_index(index_path: str) -> Dict[str, str]:
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{index_path} is not valid JSON ({exc}); expected an object with a 'weight_map' of "
-                             "tensor name -> file name") from None
+        index = read_json(index_path, "checkpoint index", "an object with a 'weight_map' of tensor name -> file name")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ValueError(f"{index_path} has no 'weight_map' object of tensor name -> file name")

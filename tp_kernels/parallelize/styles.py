@@ -136,6 +136,27 @@ def _oriented(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return weight.t() if transposed else weight
 
 
+def _like(old: nn.Module) -> dict:
+    """dtype and device of a module's weight, for the layer that replaces it."""
+    return dict(dtype=old.weight.dtype, device=old.weight.device)
+
+
+def _linear_load(transposed: bool) -> Load:
+    """load(layer, full): the layer's load_full from a full Linear (or a Conv1D, stored transposed)."""
+    def load(layer, full):
+        layer.load_full(_oriented(full.weight, transposed), full.bias)
+    return load
+
+
+def _builder(make: Callable[[nn.Module], nn.Module], load: Load) -> Build:
+    """build(old, _): the empty layer make(old) makes, filled from old by load."""
+    def build(old, _):
+        layer = make(old)
+        load(layer, old)
+        return layer
+    return build
+
+
 def _all_ranks(t: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     """(world_size, *t.shape): every rank's t, rank 0 first."""
     with torch.no_grad():
@@ -171,14 +192,9 @@ class Column(Style):
         per_rank = site.divisible(n_out, "out_features")
         tp, gather_output = site.tp, self.gather_output
 
-        def load(layer, full):
-            layer.load_full(_oriented(full.weight, transposed), full.bias)
-
-        def build(old, _):
-            layer = ColumnParallelLinear(n_in, n_out, old.bias is not None, tp, gather_output, dtype=old.weight.dtype,
-                                         device=old.weight.device)
-            load(layer, old)
-            return layer
+        load = _linear_load(transposed)
+        build = _builder(lambda old: ColumnParallelLinear(n_in, n_out, old.bias is not None, tp, gather_output,
+                                                          **_like(old)), load)
 
         def gather(layer):
             weight = _all_ranks(layer.weight, tp).reshape(n_out, n_in)
@@ -203,14 +219,9 @@ class Row(Style):
         per_rank = site.divisible(n_in, "in_features")
         tp, input_is_parallel = site.tp, self.input_is_parallel
 
-        def load(layer, full):
-            layer.load_full(_oriented(full.weight, transposed), full.bias)
-
-        def build(old, _):
-            layer = RowParallelLinear(n_in, n_out, old.bias is not None, tp, input_is_parallel, dtype=old.weight.dtype,
-                                      device=old.weight.device)
-            load(layer, old)
-            return layer
+        load = _linear_load(transposed)
+        build = _builder(lambda old: RowParallelLinear(n_in, n_out, old.bias is not None, tp, input_is_parallel,
+                                                       **_like(old)), load)
 
         def gather(layer):
             weight = _all_ranks(layer.weight, tp).permute(1, 0, 2).reshape(n_out, n_in)  # columns, rank-major
@@ -269,14 +280,9 @@ class Heads(Style):
         else:
             sharding = f"{n_heads} heads -> {n_heads_per_rank} per rank"
 
-        def load(layer, full):
-            layer.load_full(full.weight, full.bias)
-
-        def build(old, _):
-            layer = HeadParallelLinear(n_in, rows_per_head, n_heads, old.bias is not None, tp, dtype=old.weight.dtype,
-                                       device=old.weight.device, what=site.name)
-            load(layer, old)
-            return layer
+        load = _linear_load(transposed=False)
+        build = _builder(lambda old: HeadParallelLinear(n_in, rows_per_head, n_heads, old.bias is not None, tp,
+                                                        what=site.name, **_like(old)), load)
 
         def gather(layer):
             out = {"weight": _distinct_ranks(_all_ranks(layer.weight, tp), ranks_per_copy).reshape(n_out, n_in)}
@@ -319,14 +325,9 @@ class FusedQKV(Style):
         n_heads_per_rank = n_heads // tp.world_size
         ranks_per_kv_copy = max(1, tp.world_size // n_kv)
 
-        def load(layer, full):
-            layer.load_full(_oriented(full.weight, transposed), full.bias)
-
-        def build(old, _):
-            layer = QKVParallelLinear(n_in, head_dim, n_heads, n_kv, old.bias is not None, tp, dtype=old.weight.dtype,
-                                      device=old.weight.device)
-            load(layer, old)
-            return layer
+        load = _linear_load(transposed)
+        build = _builder(lambda old: QKVParallelLinear(n_in, head_dim, n_heads, n_kv, old.bias is not None, tp,
+                                                       **_like(old)), load)
 
         def unshard(stacked: torch.Tensor) -> torch.Tensor:
             """(p, rows per rank, ...) of [q_r; k_r; v_r] blocks -> the full [q; k; v]."""
@@ -365,14 +366,9 @@ class Merged(Style):
         part_per_rank = site.divisible(part, f"out_features of each of its {self.parts} parts")
         tp, sizes = site.tp, [part] * self.parts
 
-        def load(layer, full):
-            layer.load_full(_oriented(full.weight, transposed), full.bias)
-
-        def build(old, _):
-            layer = MergedColumnParallelLinear(n_in, sizes, old.bias is not None, tp, dtype=old.weight.dtype,
-                                               device=old.weight.device)
-            load(layer, old)
-            return layer
+        load = _linear_load(transposed)
+        build = _builder(lambda old: MergedColumnParallelLinear(n_in, sizes, old.bias is not None, tp, **_like(old)),
+                         load)
 
         def unshard(stacked: torch.Tensor) -> torch.Tensor:
             """(p, parts * part_per_rank, ...) -> parts in order, each rank-major."""
@@ -425,14 +421,13 @@ class Embedding(Style):
         def load(layer, full):
             layer.load_full(full.weight)
 
-        def build(old, _):
-            kw = dict(dtype=old.weight.dtype, device=old.weight.device)
+        def make(old):
             if scaled:
-                layer = ScaledVocabParallelEmbedding(old.num_embeddings, old.embedding_dim, tp, old.scalar_embed_scale, **kw)
-            else:
-                layer = VocabParallelEmbedding(old.num_embeddings, old.embedding_dim, tp, **kw)
-            load(layer, old)
-            return layer
+                return ScaledVocabParallelEmbedding(old.num_embeddings, old.embedding_dim, tp, old.scalar_embed_scale,
+                                                    **_like(old))
+            return VocabParallelEmbedding(old.num_embeddings, old.embedding_dim, tp, **_like(old))
+
+        build = _builder(make, load)
 
         def gather(layer):
             return {"weight": _vocab_rows(layer, tp, layer.weight)}
@@ -465,14 +460,9 @@ class LMHead(Style):
             raise site.fail("its weight is shared with a module the plan does not split as the embedding")
         rows = -(-head.out_features // tp.world_size)
 
-        def load(layer, full):
-            layer.load_full(full.weight, full.bias)
-
-        def build(old, _):
-            layer = ParallelLMHead(old.out_features, old.in_features, tp, old.bias is not None,
-                                   dtype=old.weight.dtype, device=old.weight.device)
-            load(layer, old)
-            return layer
+        load = _linear_load(transposed=False)
+        build = _builder(lambda old: ParallelLMHead(old.out_features, old.in_features, tp, old.bias is not None,
+                                                    **_like(old)), load)
 
         def gather(layer):
             out = {"weight": _vocab_rows(layer, tp, layer.weight)}
