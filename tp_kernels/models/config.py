@@ -299,25 +299,37 @@ def _from_hf_gpt2(cfg: _ConfigReader, eos_token_ids) -> ModelArgs:
     )
 
 
+def _cpu_memory_bytes() -> int:
+    """RAM plus swap of this machine: what a process could hold at most, however slowly."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as f:
+            swap_kib = next((int(line.split()[1]) for line in f if line.startswith("SwapTotal:")), 0)
+    except OSError:
+        swap_kib = 0
+    return total + swap_kib * 1024
+
+
 def check_fits_in_memory(args: ModelArgs, world_size: int, element_size: int, device) -> None:
     """Raise before allocating when this rank's share of the weights (about n_params / world_size elements)
-    exceeds the memory the device has available: a config with sizes in range can still describe a model
-    no machine holds. Meta tensors take no memory; devices other than CPU and CUDA are not checked."""
+    exceeds all the memory of the device (for CPU: RAM plus swap): sizes each in range can still describe a
+    model no machine holds. Free memory is not the bound (page cache and other processes come and go), so
+    this refuses only what cannot work. Meta tensors take no memory; other devices are not checked."""
     import torch
 
     device = torch.device(device)
     need = args.n_params * element_size // world_size
     if device.type == "cpu":
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        have, what = _cpu_memory_bytes(), "in all (RAM and swap)"
     elif device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
+        have, what = torch.cuda.mem_get_info(device)[1], "in all"
     else:
         return
-    if need > available:
+    if need > have:
         raise ValueError(f"the model needs about {need / 2**30:.1f} GiB per rank ({args.n_params} parameters of "
                          f"{element_size} bytes over tp={world_size}; vocab_size={args.vocab_size}, dim={args.dim}, "
                          f"n_layers={args.n_layers}, intermediate_size={args.intermediate_size}), but {device} has "
-                         f"{available / 2**30:.1f} GiB available")
+                         f"{have / 2**30:.1f} GiB {what}")
 
 
 # Presets: `tiny` and `tiny-gpt2` run the tests and the demo in seconds on CPU (vocab 256 = the byte

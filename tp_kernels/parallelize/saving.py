@@ -30,7 +30,7 @@ class _ShardWriter:
         self.directory, self.max_shard_bytes, self.active = directory, max_shard_bytes, active
         self.pending: Dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.shards: List[Dict[str, torch.Tensor]] = []  # names only once written (tensors dropped)
+        self.shards: List[List[str]] = []  # the tensor names of each written shard
         self.written: List[str] = []  # temporary file names, in order
         self.total_bytes = 0
         self.error: Optional[BaseException] = None
@@ -57,7 +57,7 @@ class _ShardWriter:
             self.error = exc
             return
         self.written.append(path)
-        self.shards.append(dict.fromkeys(self.pending))
+        self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
     def finish(self) -> List[str]:
