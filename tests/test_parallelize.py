@@ -83,7 +83,9 @@ def rank_results(references, tmp_path_factory):
             if world_size == 1:  # in this process: a rank process would import transformers again
                 per_rank = [_all_families_rank(TPGroup.single(), inputs, save_dir)]
             else:
-                per_rank = spawn_ranks(world_size, _all_families_rank, inputs, save_dir)
+                # 11 families (each converted, run, generated and some saved) after a cold start of up to 4
+                # ranks that import transformers: ~90 s at load 20 on 2 cores, 3x that seen once at load 25
+                per_rank = spawn_ranks(world_size, _all_families_rank, inputs, save_dir, timeout_s=600)
             computed[world_size] = per_rank, save_dir
         return computed[world_size]
     return get
