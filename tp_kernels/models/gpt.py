@@ -1,5 +1,5 @@
-"""A minimal tensor-parallel GPT decoder (Llama and GPT-2 families) built from tp_kernels.layers and
-tp_kernels.ops.
+"""A minimal tensor-parallel GPT decoder (Llama family: Llama, Mistral, Qwen2, Qwen3; GPT-2) built from
+tp_kernels.layers and tp_kernels.ops.
 
 Every rank holds its shard of each weight matrix and a static KV cache for its own KV heads; `forward`
 returns full-vocabulary logits on every rank. Per layer, the communication is two reductions: the
@@ -27,7 +27,7 @@ from tp_kernels import ops, reference
 from tp_kernels.distributed import TPGroup
 from tp_kernels.layers import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                                RowParallelLinear, VocabParallelEmbedding)
-from tp_kernels.models.config import PRESETS, ModelArgs
+from tp_kernels.models.config import PRESETS, ModelArgs, check_fits_in_memory
 from tp_kernels.models.sampling import greedy_vocab_parallel
 
 __all__ = ["GPT", "KVCache", "ModelArgs", "PRESETS"]
@@ -60,6 +60,10 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(args.n_heads * args.head_dim, args.dim, args.o_bias, tp,
                                         dtype=dtype, device=device)
         self.rope_style = "neox" if args.family == "llama" else "none"
+        # Qwen3: an RMSNorm over each q and k head (weights of head_dim, the same for every head and rank)
+        self.q_norm = nn.Parameter(torch.ones(args.head_dim, dtype=dtype, device=device)) if args.qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(args.head_dim, dtype=dtype, device=device)) if args.qk_norm else None
+        self.norm_eps = args.norm_eps
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor,
                 cos_sin: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -68,15 +72,34 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         n_heads_per_rank, head_dim = self.qkv.n_heads_per_rank, self.qkv.head_dim
         kv_len = mask.shape[-1]
-        q = ops.qkv_rope_kv_cache(x.reshape(batch * seq, -1), self.qkv.weight, self.qkv.bias, cos_sin,
-                                  positions.reshape(-1), cache_rows.reshape(-1), k_cache, v_cache,
-                                  n_heads_per_rank=n_heads_per_rank, n_kv_heads_per_rank=self.qkv.n_kv_heads_per_rank,
-                                  head_dim=head_dim, rope_style=self.rope_style)  # (B * S, n_heads_per_rank, head_dim)
+        if self.q_norm is not None:
+            q = self._qkv_normed_rope_kv_cache(x.reshape(batch * seq, -1), positions.reshape(-1),
+                                               cache_rows.reshape(-1), cos_sin, k_cache, v_cache)
+        else:
+            q = ops.qkv_rope_kv_cache(x.reshape(batch * seq, -1), self.qkv.weight, self.qkv.bias, cos_sin,
+                                      positions.reshape(-1), cache_rows.reshape(-1), k_cache, v_cache,
+                                      n_heads_per_rank=n_heads_per_rank,
+                                      n_kv_heads_per_rank=self.qkv.n_kv_heads_per_rank, head_dim=head_dim,
+                                      rope_style=self.rope_style)  # (B * S, n_heads_per_rank, head_dim)
         q = q.view(batch, seq, n_heads_per_rank, head_dim).transpose(1, 2)  # (B, n_heads_per_rank, S, head_dim)
         k = k_cache[:batch, :kv_len].transpose(1, 2)  # (B, n_kv_heads_per_rank, kv_len, head_dim)
         v = v_cache[:batch, :kv_len].transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, n_heads_per_rank, S, hd)
         return o.transpose(1, 2).reshape(batch * seq, n_heads_per_rank * head_dim)
+
+    def _qkv_normed_rope_kv_cache(self, x, positions, cache_rows, cos_sin, k_cache, v_cache) -> torch.Tensor:
+        """qkv_rope_kv_cache with Qwen3's per-head RMSNorm of q and k between the projection and RoPE, which
+        the fused op has no place for: the projection and head split (rope 'none'), then the norms, RoPE and
+        the cache write. x (T, dim) -> q (T, n_heads_per_rank, head_dim)."""
+        q, k, v = ops.qkv_rope(x, self.qkv.weight, self.qkv.bias, None, positions,
+                               n_heads_per_rank=self.qkv.n_heads_per_rank,
+                               n_kv_heads_per_rank=self.qkv.n_kv_heads_per_rank, head_dim=self.qkv.head_dim,
+                               rope_style="none")  # (T, heads, head_dim) each
+        angles = cos_sin[positions]  # (T, head_dim)
+        q = reference.apply_rope(reference.rmsnorm(q, self.q_norm, self.norm_eps), angles, self.rope_style)
+        k = reference.apply_rope(reference.rmsnorm(k, self.k_norm, self.norm_eps), angles, self.rope_style)
+        reference.write_kv_cache(k, v, positions, cache_rows, k_cache, v_cache)
+        return q
 
 
 def _row_parallel_partial(layer: RowParallelLinear, x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +189,7 @@ class GPT(nn.Module):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
         self.args, self.tp = args, tp
+        check_fits_in_memory(args, tp.world_size, torch.empty((), dtype=dtype).element_size(), device)
         self.embed = VocabParallelEmbedding(args.vocab_size, args.dim, tp, dtype=dtype, device=device)
         if args.family == "gpt2":
             self.pos_embed = nn.Parameter(torch.zeros(args.max_seq_len, args.dim, dtype=dtype, device=device))
