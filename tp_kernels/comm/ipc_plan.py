@@ -11,7 +11,11 @@ Decisions:
   (`tensor_fallback_reason`); otherwise the chain falls through to NCCL;
 - one-shot (every rank reads every peer's whole input and reduces it) or two-shot (reduce-scatter, then
   all-gather through the IPC buffers), by bytes and world size (`choose_algorithm`);
-- the grid and the per-rank split (`plan_all_reduce`, `plan_fused`).
+- the grid, the per-rank split and, for the fused norm, how many blocks share a row (`plan_all_reduce`,
+  `plan_fused`);
+- how long a kernel waits for a peer (`kernel_timeout_ms`) and what a trapped kernel recorded
+  (`describe_kernel_error`);
+- the data of the transfer check every new group runs over its mappings (`transfer_pattern`).
 """
 from __future__ import annotations
 
@@ -38,9 +42,11 @@ ALIGNMENT_BYTES = PACK_BYTES
 # 8 MiB covers decode: 256 tokens x hidden 8192 x 2 bytes (bf16) = 4 MiB. Each rank maps world_size
 # buffers of 3 x this (input staging + two result regions for the fused norm), 24 MiB each.
 DEFAULT_BUFFER_BYTES = 8 * 2**20
-# sizeof(cudaIpcMemHandle_t); a registered-buffer record is the handle then an int64 offset into it.
+# sizeof(cudaIpcMemHandle_t).
 IPC_HANDLE_BYTES = 64
-BUFFER_RECORD_BYTES = IPC_HANDLE_BYTES + 8
+# Rows of the device table of peer pointers: slot 0 is the staging buffers, every all-reduce captured inside
+# CudaIpcCommunicator.capture() takes one more, never reused (2 MiB of device memory; see the .h file).
+MAX_SLOTS = 32768
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 ONE_SHOT = "one_shot"
@@ -85,8 +91,10 @@ class Plan:
     Plain all-reduce: the input is n_packs 16-byte packs then n_tail single elements (odd sizes); the tail
     is reduced one-shot by every rank. Two-shot gives rank r the packs [r * chunk, (r + 1) * chunk).
     Fused norm: the input is n_rows rows of `hidden` elements (packs_per_row packs each); two-shot gives
-    rank r the rows [r * chunk, (r + 1) * chunk). Blocks take packs or rows grid-stride, the same mapping
-    in every phase, so a block only ever waits for the block of the same index on the other ranks.
+    rank r the rows [r * chunk, (r + 1) * chunk). `split` blocks share a row (n_blocks is a multiple of
+    it), each taking ceil(packs_per_row / split) of its packs. Blocks take packs or rows grid-stride, the
+    same mapping in every phase, so a block only ever waits for the block of the same index on the other
+    ranks (and, for a split row, for the other blocks of that row on its own rank).
     """
 
     algo: str
@@ -96,6 +104,7 @@ class Plan:
     n_tail: int = 0
     n_rows: int = 0
     packs_per_row: int = 0
+    split: int = 1
 
     @property
     def two_shot(self) -> bool:
@@ -146,20 +155,47 @@ def fused_fallback_reason(hidden: int, element_size: int) -> Optional[str]:
     return None
 
 
+# Fused norm: blocks per row. One block per row leaves a one-token decode step on one SM, reading every
+# peer's whole row through one SM's few outstanding loads (~3 us for a 16 KiB bf16 row at TP=8 on H100,
+# modeled); split over blocks that each read at least FUSED_MIN_PACKS_PER_BLOCK packs of it (2 KiB per
+# peer), a hidden-8192 bf16 row uses 8 SMs. The split rows then meet in a row-group barrier (one more
+# on-GPU sync, ~1 us modeled), so it is used only while rows are too few to fill the grid. Modeled, not
+# measured: to be tuned on a GPU with bench/allreduce_rmsnorm.py.
+FUSED_MIN_PACKS_PER_BLOCK = 128
+MAX_SPLIT = 16
+
+
+def choose_split(rows_per_rank: int, packs_per_row: int) -> int:
+    """Blocks per row for the fused kernel when each rank normalizes rows_per_rank rows."""
+    if rows_per_rank >= MAX_BLOCKS:
+        return 1
+    by_work = -(-packs_per_row // FUSED_MIN_PACKS_PER_BLOCK)
+    return max(1, min(MAX_BLOCKS // max(rows_per_rank, 1), by_work, MAX_SPLIT))
+
+
 def plan_fused(n_rows: int, hidden: int, element_size: int, world_size: int,
-               buffer_bytes: int = DEFAULT_BUFFER_BYTES, algo: Optional[str] = None) -> Plan:
+               buffer_bytes: int = DEFAULT_BUFFER_BYTES, algo: Optional[str] = None,
+               split: Optional[int] = None) -> Plan:
     """The plan for allreduce_residual_rmsnorm over n_rows rows of hidden elements (algo as in
-    plan_all_reduce)."""
+    plan_all_reduce; split=None lets choose_split decide, a number forces it: tests run both)."""
     reason = fused_fallback_reason(hidden, element_size)
     if reason is not None:
         raise ValueError(reason)
     nbytes = n_rows * hidden * element_size
     check_message_bytes(nbytes, buffer_bytes)
     algo = _algo_for(nbytes, world_size, algo)
+    packs_per_row = hidden // pack_elems(element_size)
     chunk = -(-n_rows // world_size) if algo == TWO_SHOT else n_rows
-    # one block per row: the row's sum of squares is a block reduction
-    return Plan(algo=algo, n_blocks=_blocks_for(chunk, 1), chunk=chunk, n_rows=n_rows,
-                packs_per_row=hidden // pack_elems(element_size))
+    if split is None:
+        split = choose_split(chunk, packs_per_row)
+    elif not 1 <= split <= min(MAX_BLOCKS, packs_per_row):
+        raise ValueError(f"split must be in [1, {min(MAX_BLOCKS, packs_per_row)}] (blocks per row, each taking at "
+                         f"least one of the row's {packs_per_row} packs), got {split}")
+    # groups of `split` blocks, one row per group at a time; the row's sum of squares is a block (then a
+    # row-group) reduction
+    n_groups = max(1, min(chunk, MAX_BLOCKS // split))
+    return Plan(algo=algo, n_blocks=n_groups * split, chunk=chunk, n_rows=n_rows, packs_per_row=packs_per_row,
+                split=split)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,13 +250,18 @@ def local_fallback_reason(cuda_available: bool, built_with_cuda: bool) -> Option
 
 
 def group_fallback_reason(world_size: int, local_reasons: Sequence[Optional[str]], hostnames: Sequence[str],
-                          gpu_ids: Sequence[Optional[str]], peer_access: Sequence[Sequence[bool]]) -> Optional[str]:
+                          gpu_ids: Sequence[Optional[str]], peer_access: Sequence[Sequence[bool]],
+                          nvlink: Optional[Sequence[Sequence[Optional[bool]]]] = None,
+                          allow_shared_gpu: bool = False) -> Optional[str]:
     """Why a group cannot use the IPC all-reduce (None: it can). Every rank evaluates it on the same
     gathered facts, so all ranks agree.
 
     local_reasons[r] is rank r's local_fallback_reason; hostnames[r] its host; gpu_ids[r] its GPU's PCI
     address; peer_access[r][q] whether rank r's GPU can access rank q's (cudaDeviceCanAccessPeer; True on
-    the diagonal)."""
+    the diagonal); nvlink[r][q] whether they are connected by NVLink (None: unknown; only needed above 2
+    ranks: over PCIe, 4-8 GPUs all-reduce faster with NCCL's rings than with every rank reading every peer).
+    allow_shared_gpu is the test switch (`SHARED_GPU_ENV`): ranks that share a GPU then run the kernels too,
+    which proves the protocol on a one-GPU machine but is slower than one process per GPU."""
     if world_size < 2:
         return "world size 1 needs no all-reduce"
     if world_size > MAX_WORLD_SIZE:
@@ -232,13 +273,27 @@ def group_fallback_reason(world_size: int, local_reasons: Sequence[Optional[str]
         return f"ranks are on different hosts {sorted(set(hostnames))}; CUDA IPC works within one host"
     first_rank_of = {}
     for r, gpu in enumerate(gpu_ids):
-        if gpu in first_rank_of:  # e.g. CPU test ranks on a GPU node, all on cuda:0: nothing to reduce across
-            return f"ranks {first_rank_of[gpu]} and {r} share the GPU {gpu}; each rank needs its own GPU"
-        first_rank_of[gpu] = r
+        if gpu in first_rank_of and not allow_shared_gpu:
+            # e.g. CPU test ranks on a GPU node, all on cuda:0: nothing to gain over NCCL
+            return (f"ranks {first_rank_of[gpu]} and {r} share the GPU {gpu}; each rank needs its own GPU "
+                    f"({SHARED_GPU_ENV}=1 overrides this for tests)")
+        first_rank_of.setdefault(gpu, r)
     for r, row in enumerate(peer_access):
         for q, ok in enumerate(row):
             if not ok:
                 return f"rank {r}'s GPU cannot access rank {q}'s GPU (cudaDeviceCanAccessPeer is false)"
+    if world_size > 2:
+        for r in range(world_size):
+            for q in range(world_size):
+                if gpu_ids[r] == gpu_ids[q]:
+                    continue
+                link = None if nvlink is None else nvlink[r][q]
+                if link is None:
+                    return (f"cannot tell whether rank {r}'s GPU and rank {q}'s are connected by NVLink (NVML "
+                            f"unavailable); above 2 ranks the IPC all-reduce needs NVLink")
+                if not link:
+                    return (f"rank {r}'s GPU and rank {q}'s are not connected by NVLink; over PCIe, {world_size} "
+                            "ranks all-reduce faster with NCCL")
     return None
 
 
@@ -255,23 +310,81 @@ def tensor_fallback_reason(x: torch.Tensor, device: torch.device, buffer_bytes: 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# barrier timeout
+# the test switch for ranks that share a GPU
 # ----------------------------------------------------------------------------------------------------------
-DEFAULT_TIMEOUT_S = 60.0
-TIMEOUT_ENV = "TP_KERNELS_COMM_TIMEOUT"
+SHARED_GPU_ENV = "TP_KERNELS_IPC_ALLOW_SHARED_GPU"
 
 
-def timeout_ms(environ: Optional[Mapping[str, str]] = None) -> int:
-    """How long a kernel waits at a barrier for a peer before it records the missing rank and traps:
-    TP_KERNELS_COMM_TIMEOUT seconds (default 60, as the other communicators)."""
+def allow_shared_gpu(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether SHARED_GPU_ENV asks the IPC all-reduce to serve ranks that share a GPU (tests only)."""
     environ = os.environ if environ is None else environ
-    raw = environ.get(TIMEOUT_ENV)
+    raw = environ.get(SHARED_GPU_ENV, "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"{SHARED_GPU_ENV} must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# barrier timeout, and what a trapped kernel left in the error word
+# ----------------------------------------------------------------------------------------------------------
+# A kernel that gives up on a peer must trap, and a trap leaves the process's CUDA context unusable: the job
+# is over. So the wait is long, as NCCL's watchdog (10 minutes in torch): a peer compiling Triton kernels,
+# reading a checkpoint or doing rank-0-only work must not kill the job. Shorter waits are for tests.
+DEFAULT_KERNEL_TIMEOUT_S = 600.0
+KERNEL_TIMEOUT_ENV = "TP_KERNELS_IPC_TIMEOUT"
+# Mirrors of custom_all_reduce_kernels.h: error word = kind << ERROR_KIND_SHIFT | detail.
+ERROR_KIND_SHIFT = 24
+ERROR_BARRIER_TIMEOUT = 1
+ERROR_NULL_INPUT = 2
+
+
+def kernel_timeout_ms(environ: Optional[Mapping[str, str]] = None) -> int:
+    """How long a kernel waits at a barrier for a peer before it records the missing rank and traps:
+    TP_KERNELS_IPC_TIMEOUT seconds (default 600; 0 waits forever and never traps)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(KERNEL_TIMEOUT_ENV)
     if raw is None:
-        return int(DEFAULT_TIMEOUT_S * 1000)
+        return int(DEFAULT_KERNEL_TIMEOUT_S * 1000)
     try:
         seconds = float(raw)
     except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
-    if not seconds > 0 or not math.isfinite(seconds):
-        raise ValueError(f"{TIMEOUT_ENV} must be a positive, finite number of seconds, got {raw!r}")
-    return max(1, int(seconds * 1000))
+        raise ValueError(f"{KERNEL_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ValueError(f"{KERNEL_TIMEOUT_ENV} must be a finite number of seconds >= 0 (0: wait forever), "
+                         f"got {raw!r}")
+    return 0 if seconds == 0 else max(1, int(seconds * 1000))
+
+
+def describe_kernel_error(word: int, timeout_ms: int) -> Optional[str]:
+    """What the error word of a communicator says (None: no kernel trapped)."""
+    if word == 0:
+        return None
+    kind, detail = word >> ERROR_KIND_SHIFT, word & ((1 << ERROR_KIND_SHIFT) - 1)
+    unusable = "; the kernel trapped and this process's CUDA context is unusable"
+    if kind == ERROR_BARRIER_TIMEOUT:
+        return (f"rank {detail} did not arrive at a barrier within {timeout_ms / 1000:g} s "
+                f"({KERNEL_TIMEOUT_ENV}){unusable}")
+    if kind == ERROR_NULL_INPUT:
+        return (f"an all-reduce captured inside capture() was replayed while its slot {detail} held no peer "
+                f"pointers (before register_graph_buffers(), or after release_graph_buffers()){unusable}")
+    return f"unknown error word {word:#x}{unusable}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the transfer check of a new group
+# ----------------------------------------------------------------------------------------------------------
+# Some drivers report peer access and then move wrong data (vLLM checks for this too); every rank reads this
+# much of every peer's staging buffer, with the kernels' loads, before the group is used.
+TRANSFER_CHECK_BYTES = 256 * 1024
+
+
+def transfer_check_words(buffer_bytes: int) -> int:
+    """int32 words of the transfer check: TRANSFER_CHECK_BYTES, or the whole staging buffer if smaller."""
+    return min(TRANSFER_CHECK_BYTES, buffer_bytes) // 4
+
+
+def transfer_pattern(rank: int, n_words: int) -> torch.Tensor:
+    """(n_words,) int32: what rank writes into its staging buffer for the check; differs between ranks and
+    between any two words of one rank (a misplaced or stale block shows)."""
+    i = torch.arange(n_words, dtype=torch.int64)
+    return ((i * 2654435761 + (rank + 1) * 40503) % (2**31 - 1)).to(torch.int32)
