@@ -175,21 +175,21 @@ def _back_to_back(rank, n_calls, lag):
     return bad
 
 
-def _n_calls(base):
-    """Ranks sharing one GPU pay a context switch per barrier: a tenth of the calls there."""
-    return base if torch.cuda.device_count() >= 2 else base // 10
+def _n_calls(base, world_size):
+    """Ranks sharing a GPU pay a context switch per barrier: a tenth of the calls there."""
+    return base if torch.cuda.device_count() >= world_size else base // 10
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_back_to_back_mixed_calls(world_size):
     # TWO_SHOT is forced at 2 ranks too, where the planner alone would always pick one-shot
-    for rank, bad in enumerate(run_on_gpus(world_size, _back_to_back, _n_calls(10_000), False)):
+    for rank, bad in enumerate(run_on_gpus(world_size, _back_to_back, _n_calls(10_000, world_size), False)):
         assert bad == [], f"rank {rank}: wrong results at calls {bad}"
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_ranks_lagging_at_random_calls(world_size):
-    for rank, bad in enumerate(run_on_gpus(world_size, _back_to_back, _n_calls(2_000), True)):
+    for rank, bad in enumerate(run_on_gpus(world_size, _back_to_back, _n_calls(2_000, world_size), True)):
         assert bad == [], f"rank {rank}: wrong results at calls {bad}"
 
 
