@@ -28,8 +28,13 @@ def staging(rank):
 
 
 def mapped(rank, address):
-    """Where FakeImpl maps rank's captured input at address (export_buffer, then open_buffer)."""
+    """Where FakeImpl maps rank's captured input at address (locate_input, export_allocation, open_buffer)."""
     return GRAPH_BASE + rank * 2**32 + (address >> 20) % 256 * 2**20 + address % 2**20
+
+
+def fake_locate(address):
+    """FakeImpl's allocations: one per MiB of address space; (base, offset) of address."""
+    return lambda: (address - address % 2**20, address % 2**20)
 
 
 class FakeImpl:
@@ -83,12 +88,18 @@ class FakeImpl:
         normed.copy_(n)
         new_residual.copy_(r)
 
-    def export_buffer(self, address):
-        self._event("export_buffer")
-        # one allocation per MiB of address space; its handle names the rank and the allocation
+    def locate_input(self, t):
+        self._event("locate_input")
+        assert t.untyped_storage().data_ptr() <= t.data_ptr()
+        return fake_locate(t.data_ptr())()
+
+    def export_allocation(self, base):
+        self._event("export_allocation")
+        assert base % 2**20 == 0, f"{base:#x} is not an allocation's base (one per MiB here)"
+        # the handle names the rank and the allocation
         handle = torch.zeros(ipc_plan.IPC_HANDLE_BYTES, dtype=torch.uint8)
-        handle[0], handle[1] = self.rank, (address >> 20) % 256
-        return handle, address % 2**20
+        handle[0], handle[1] = self.rank, (base >> 20) % 256
+        return handle
 
     def open_buffer(self, handle):
         self._event("open_buffer")
@@ -221,7 +232,7 @@ def capturing(monkeypatch):
 
 def _register_locally(comm):
     """register_graph_buffers for a one-process 'group': the exchange returns this rank's records only."""
-    records = comm._graphs.local_records(comm._impl.export_buffer)
+    records = comm._graphs.local_records(comm._impl.export_allocation)
     table = comm._graphs.table([records] * comm.tp.world_size, comm._impl.open_buffer,
                                [staging(r) for r in range(comm.tp.world_size)])
     first, n = comm._graphs.commit()
@@ -279,13 +290,13 @@ def test_failed_capture_discards_its_calls(capturing):
 def test_slots_pair_calls_by_position_and_mix_staged_with_in_place():
     # rank 0 read call 0 in place and staged call 1; rank 1 the other way round, at other addresses
     slots = [GraphSlots(r, 2) for r in range(2)]
-    assert slots[0].claim(0x1000_0000, 64, "all_reduce") == (1, False)
-    assert slots[0].claim(0x1000_0008, 64, "all_reduce") == (2, True)
+    for address, expected in ((0x1000_0000, (1, False)), (0x1000_0008, (2, True))):
+        assert slots[0].claim(address, 64, "all_reduce", fake_locate(address)) == expected
     slots[1].next_slot = 7  # rank 1 captured more graphs before: slot numbers are local
-    assert slots[1].claim(0x2000_0004, 64, "all_reduce") == (7, True)
-    assert slots[1].claim(0x2030_0010, 64, "all_reduce") == (8, False)
+    for address, expected in ((0x2000_0004, (7, True)), (0x2030_0010, (8, False))):
+        assert slots[1].claim(address, 64, "all_reduce", fake_locate(address)) == expected
     impls = [FakeImpl(r, 2) for r in range(2)]
-    records = [s.local_records(i.export_buffer) for s, i in zip(slots, impls)]
+    records = [s.local_records(i.export_allocation) for s, i in zip(slots, impls)]
     assert all(rec.shape == (2, RECORD_WORDS) for rec in records)
     tables = [s.table(records, i.open_buffer, [staging(0), staging(1)]) for s, i in zip(slots, impls)]
     # both ranks build the same table, each with its own address for itself
@@ -296,26 +307,57 @@ def test_slots_pair_calls_by_position_and_mix_staged_with_in_place():
 
 def test_mismatched_captures_raise_naming_the_call():
     slots = [GraphSlots(r, 2) for r in range(2)]
-    slots[0].claim(0x1000_0000, 64, "all_reduce")
-    slots[1].claim(0x2000_0000, 128, "all_reduce")
-    records = [s.local_records(FakeImpl(r, 2).export_buffer) for r, s in enumerate(slots)]
+    slots[0].claim(0x1000_0000, 64, "all_reduce", fake_locate(0x1000_0000))
+    slots[1].claim(0x2000_0000, 128, "all_reduce", fake_locate(0x2000_0000))
+    records = [s.local_records(FakeImpl(r, 2).export_allocation) for r, s in enumerate(slots)]
     with pytest.raises(ValueError, match=r"captured all-reduce #0 differs between ranks \(rank 0: 64 bytes "
                                          r"all_reduce, rank 1: 128 bytes all_reduce\)"):
         slots[0].table(records, FakeImpl(0, 2).open_buffer, [staging(0), staging(1)])
-    slots[1].claim(0x2000_0000, 64, "all_reduce")
-    records[1] = slots[1].local_records(FakeImpl(1, 2).export_buffer)
+    slots[1].claim(0x2000_0000, 64, "all_reduce", fake_locate(0x2000_0000))
+    records[1] = slots[1].local_records(FakeImpl(1, 2).export_allocation)
     with pytest.raises(ValueError, match=r"rank 1's records must be \(1, 12\) int64"):
         slots[0].table(records, FakeImpl(0, 2).open_buffer, [staging(0), staging(1)])
 
 
 def test_slots_run_out_with_a_clear_error():
     slots = GraphSlots(0, 2, max_slots=3)
-    slots.claim(0, 16, "all_reduce")
-    slots.claim(0, 16, "all_reduce")
+    slots.claim(0, 16, "all_reduce", fake_locate(0))
+    slots.claim(0, 16, "all_reduce", fake_locate(0))
     with pytest.raises(RuntimeError, match="more than 2 IPC all-reduces captured"):
-        slots.claim(0, 16, "all_reduce")
+        slots.claim(0, 16, "all_reduce", fake_locate(0))
     with pytest.raises(ValueError, match="op must be one of"):
-        GraphSlots(0, 2).claim(0, 16, "all_gather")
+        GraphSlots(0, 2).claim(0, 16, "all_gather", fake_locate(0))
+
+
+def test_an_input_that_cannot_be_located_is_staged():
+    slots = GraphSlots(0, 2)
+    asked = []
+    assert slots.claim(0x1000_0000, 64, "all_reduce", lambda: asked.append(1)) == (1, True)  # returns None
+    assert slots.claim(0x1000_0008, 64, "all_reduce", lambda: asked.append(2)) == (2, True)  # misaligned
+    assert asked == [1], "locate is asked only for aligned inputs"
+    assert [c.address for c in slots.pending] == [None, None]
+    with pytest.raises(ValueError, match="not at its address"):
+        slots.claim(0x1000_0010, 64, "all_reduce", lambda: (0x1000_0000, 0))
+
+
+def test_captured_inputs_are_located_while_alive_and_exported_after(capturing, monkeypatch):
+    # A captured input is usually a temporary (a GEMM's output): freed when the call returns, before the
+    # capture ends, when torch's allocator no longer knows it. So its allocation is found during the capture
+    # and only the allocation (which the graph's pool keeps) is exported at registration.
+    comm = _communicator(2)
+    monkeypatch.setattr(comm, "register_graph_buffers", lambda: _register_locally(comm))
+    with comm.capture():
+        capturing["on"] = True
+        comm.all_reduce(torch.ones(64) * 2)      # a temporary
+        storage = torch.zeros(3, 64)
+        comm.all_reduce(storage[1])              # a view 256 bytes into its storage
+        address = storage[1].data_ptr()
+        capturing["on"] = False
+        names = [name for name, _ in comm._impl.events]
+        assert names.count("locate_input") == 2 and "export_allocation" not in names
+    names = [name for name, _ in comm._impl.events]
+    assert names.count("export_allocation") == 2
+    assert comm._impl.slots[2][0] == address  # this rank reads the view where it is
 
 
 # ----------------------------------------------------------------------------------------------------------

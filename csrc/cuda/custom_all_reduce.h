@@ -64,9 +64,15 @@ class CustomAllReduce {
                                   int64_t timeout_ms);
 
   // -- CUDA-graph inputs ----------------------------------------------------------------------------------
-  // (handle (kIpcHandleBytes,) uint8, offset): how a peer maps `address`, memory of torch's caching allocator.
-  std::tuple<at::Tensor, int64_t> export_buffer(int64_t address) const;
-  // Maps a peer allocation exported by export_buffer; returns its base address here. Each handle is opened
+  // (base, offset): the cudaMalloc'd segment of torch's caching allocator that holds input, and input's offset
+  // in it. Host bookkeeping only, so it is called while the call is captured, when input is certainly alive: a
+  // captured input is usually a temporary (a GEMM's output) that is freed before the capture ends, and torch
+  // finds only live blocks (and only by their first byte, so the storage's, not the view's, address is used).
+  std::tuple<int64_t, int64_t> locate_input(const at::Tensor& input) const;
+  // (kIpcHandleBytes,) uint8: the IPC handle of the segment at base (a locate_input base; the segment outlives
+  // the capture: a graph's private pool keeps its segments while the graph exists).
+  at::Tensor export_allocation(int64_t base) const;
+  // Maps a peer allocation exported by export_allocation; returns its base address here. Each handle is opened
   // once and stays mapped until release_graph_buffers or close_peer_handles.
   int64_t open_buffer(const at::Tensor& handle);
   // Slots [first_slot, first_slot + n) <- table (n, world_size) int64 CPU: addresses, as mapped here, of

@@ -26,7 +26,8 @@ void bind_cuda_ipc(pybind11::module& m) {
            py::arg("residual"), py::arg("weight"), py::arg("normed"), py::arg("new_residual"), py::arg("eps"),
            py::arg("two_shot"), py::arg("n_blocks"), py::arg("chunk"), py::arg("split"), py::arg("slot"),
            py::arg("stage"), py::arg("timeout_ms"))
-      .def("export_buffer", &CustomAllReduce::export_buffer, py::arg("address"))
+      .def("locate_input", &CustomAllReduce::locate_input, py::arg("input"))
+      .def("export_allocation", &CustomAllReduce::export_allocation, py::arg("base"))
       .def("open_buffer", &CustomAllReduce::open_buffer, py::arg("handle"))
       .def("write_slots", &CustomAllReduce::write_slots, py::arg("first_slot"), py::arg("table"))
       .def("release_graph_buffers", &CustomAllReduce::release_graph_buffers, py::arg("end_slot"))

@@ -331,21 +331,37 @@ void CustomAllReduce::allreduce_residual_rmsnorm(const at::Tensor& input, const 
                                    static_cast<int>(n_blocks), stream));
 }
 
-std::tuple<at::Tensor, int64_t> CustomAllReduce::export_buffer(int64_t address) const {
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
-  void* const ptr = reinterpret_cast<void*>(static_cast<uintptr_t>(address));
+std::tuple<int64_t, int64_t> CustomAllReduce::locate_input(const at::Tensor& input) const {
+  TORCH_CHECK(input.is_cuda() && input.get_device() == device_, "CUDA IPC all-reduce: a captured input must be on "
+              "cuda:", device_, ", got ", input.device());
+  // torch's allocator knows a block by its first byte: the storage's, not a view's.
+  void* const storage = input.storage().data_ptr().get();
   size_t segment_bytes = 0;
-  void* base = c10::cuda::CUDACachingAllocator::getBaseAllocation(ptr, &segment_bytes);
-  TORCH_CHECK(base != nullptr, "CUDA IPC all-reduce: captured input ", ptr,
-              " is not memory of torch's CUDA caching allocator");
+  void* base = nullptr;
+  try {
+    base = c10::cuda::CUDACachingAllocator::getBaseAllocation(storage, &segment_bytes);
+  } catch (const c10::Error& error) {
+    TORCH_CHECK(false, "CUDA IPC all-reduce: a captured input is not a live block of torch's CUDA caching "
+                "allocator (", error.what_without_backtrace(), ")");
+  }
+  TORCH_CHECK(base != nullptr, "CUDA IPC all-reduce: a captured input is not memory of torch's CUDA caching "
+              "allocator");
+  const uintptr_t start = reinterpret_cast<uintptr_t>(base), address = reinterpret_cast<uintptr_t>(input.data_ptr());
+  TORCH_CHECK(address >= start && address - start + input.nbytes() <= segment_bytes, "CUDA IPC all-reduce: a "
+              "captured input lies outside the allocation torch reports for it");
+  return {static_cast<int64_t>(start), static_cast<int64_t>(address - start)};
+}
+
+at::Tensor CustomAllReduce::export_allocation(int64_t base) const {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   cudaIpcMemHandle_t handle;
-  const cudaError_t err = cudaIpcGetMemHandle(&handle, base);
+  const cudaError_t err = cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(static_cast<uintptr_t>(base)));
   if (err != cudaSuccess) (void)cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, "CUDA IPC all-reduce: cannot export the allocation of a captured input (",
               cudaGetErrorString(err), "); PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True is not supported");
   at::Tensor out = at::empty({kIpcHandleBytes}, at::TensorOptions().dtype(at::kByte));
   std::memcpy(out.data_ptr(), &handle, kIpcHandleBytes);
-  return {out, static_cast<int64_t>(reinterpret_cast<uintptr_t>(ptr) - reinterpret_cast<uintptr_t>(base))};
+  return out;
 }
 
 int64_t CustomAllReduce::open_buffer(const at::Tensor& handle) {

@@ -262,8 +262,18 @@ class CudaIpcCommunicator(Communicator):
         """(slot, stage): a slot of its own, read in place when aligned, for a call captured inside
         capture(); the staging buffers (slot 0) for everything else, captured or not."""
         if self._capturing and torch.cuda.is_current_stream_capturing():
-            return self._graphs.claim(x.data_ptr(), x.numel() * x.element_size(), op)
+            return self._graphs.claim(x.data_ptr(), x.numel() * x.element_size(), op, lambda: self._locate(x))
         return 0, True
+
+    def _locate(self, x: torch.Tensor) -> Optional[Tuple[int, int]]:
+        """(base, offset) of x's allocation, found now while x is alive; None (x is then staged, with a
+        warning once) where x is not memory of torch's caching allocator."""
+        try:
+            return self._impl.locate_input(x)
+        except RuntimeError as error:
+            warn_once("locate", "CUDA IPC all-reduce: a captured input is copied into the staging buffer instead "
+                                f"of read in place: {str(error).splitlines()[0]}")
+            return None
 
     @contextlib.contextmanager
     def capture(self):
@@ -289,7 +299,7 @@ class CudaIpcCommunicator(Communicator):
         impl = self._live()
         records, error = None, None
         try:
-            records = self._graphs.local_records(impl.export_buffer)
+            records = self._graphs.local_records(impl.export_allocation)
         except RuntimeError as e:
             error = str(e).splitlines()[0]
         outcomes = _gather_objects(self.tp, (len(self._graphs.pending), error))

@@ -9,8 +9,13 @@ of every rank's input of that call. Rules this follows (each one a bug it replac
 - One slot per captured call, never reused (append-only): the calls of the ranks are paired by their
   position in capture order, never by an address (a peer's input of the same call can live elsewhere), and a
   slot is never refilled with other pointers while a graph that reads it may still be replayed.
-- Each rank decides alone whether it reads its input in place (16-byte aligned: yes) or stages it, and its
-  record says which, so the peers read its staging buffer for that call exactly when it filled it.
+- Each rank decides alone whether it reads its input in place (16-byte aligned, and memory of torch's caching
+  allocator: yes) or stages it, and its record says which, so the peers read its staging buffer for that call
+  exactly when it filled it.
+- Where an in-place input lives (its allocation's base and its offset in it) is looked up when the call is
+  captured, not when the records are exchanged: a captured input is usually a temporary (a GEMM's output,
+  `x.contiguous()`) that is already freed when the capture ends, and torch's allocator then no longer knows
+  it; the allocation itself lives on in the graph's private pool.
 - The records carry each call's byte count and kind, so ranks that captured different collectives raise
   instead of pairing the wrong calls.
 """
@@ -31,11 +36,12 @@ RECORD_WORDS = 4 + IPC_HANDLE_BYTES // 8
 
 @dataclass(frozen=True)
 class CapturedCall:
-    """One all-reduce captured inside capture(): its slot, and its input's address if read in place (None:
-    staged)."""
+    """One all-reduce captured inside capture(): its slot; if read in place (else None: staged) its input's
+    address, and the base of the allocation holding it (the input is at base + address - base)."""
 
     slot: int
     address: Optional[int]
+    base: Optional[int]
     nbytes: int
     op: str
 
@@ -49,16 +55,24 @@ class GraphSlots:
         self.pending: List[CapturedCall] = []
 
     # -- during capture ----------------------------------------------------------------------------------
-    def claim(self, address: int, nbytes: int, op: str) -> Tuple[int, bool]:
-        """(slot, stage) for a call being captured: read in place if address is aligned, else staged."""
+    def claim(self, address: int, nbytes: int, op: str,
+              locate: Callable[[], Optional[Tuple[int, int]]]) -> Tuple[int, bool]:
+        """(slot, stage) for a call being captured, whose input starts at address: read in place if address is
+        aligned and locate() (called now, while the input is alive) finds its allocation as (base, offset);
+        staged otherwise (locate() returns None: not memory that can be exported)."""
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
         if self.next_slot >= self.max_slots:
             raise RuntimeError(f"more than {self.max_slots - 1} IPC all-reduces captured by this communicator; "
                                "slots are never reused (a graph that still exists reads them): make a new "
                                "communicator, or capture fewer graphs")
-        in_place = address % ALIGNMENT_BYTES == 0
-        call = CapturedCall(self.next_slot, address if in_place else None, nbytes, op)
+        allocation = locate() if address % ALIGNMENT_BYTES == 0 else None
+        if allocation is not None and allocation[0] + allocation[1] != address:
+            raise ValueError(f"locate() placed the input at {allocation[0]:#x} + {allocation[1]}, not at its "
+                             f"address {address:#x}")
+        in_place = allocation is not None
+        call = CapturedCall(self.next_slot, address if in_place else None,
+                            allocation[0] if in_place else None, nbytes, op)
         self.next_slot += 1
         self.pending.append(call)
         return call.slot, not in_place
@@ -69,18 +83,17 @@ class GraphSlots:
         self.pending = []
 
     # -- registration ------------------------------------------------------------------------------------
-    def local_records(self, export: Callable[[int], Tuple[torch.Tensor, int]]) -> torch.Tensor:
-        """(n_pending, RECORD_WORDS) int64: this rank's records, for the exchange. export(address) gives
-        (IPC handle (IPC_HANDLE_BYTES,) uint8, offset) of the allocation holding address."""
+    def local_records(self, export: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """(n_pending, RECORD_WORDS) int64: this rank's records, for the exchange. export(base) gives the IPC
+        handle ((IPC_HANDLE_BYTES,) uint8) of the allocation at base."""
         records = torch.zeros(len(self.pending), RECORD_WORDS, dtype=torch.int64)
         for i, call in enumerate(self.pending):
             records[i, 2] = call.nbytes
             records[i, 3] = OPS.index(call.op)
             if call.address is not None:
-                handle, offset = export(call.address)
                 records[i, 0] = 1
-                records[i, 1] = offset
-                records[i, 4:] = handle.contiguous().view(torch.int64)
+                records[i, 1] = call.address - call.base
+                records[i, 4:] = export(call.base).contiguous().view(torch.int64)
         return records
 
     def table(self, records: Sequence[torch.Tensor], open_handle: Callable[[torch.Tensor], int],
