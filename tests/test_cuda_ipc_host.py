@@ -135,13 +135,14 @@ def _fused_blocks(plan, world_size):
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 @pytest.mark.parametrize("algo", [ONE_SHOT, TWO_SHOT])
 @pytest.mark.parametrize("split", [None, 1, 3, 8])
-def test_fused_plan_gives_every_row_and_pack_one_block(world_size, algo, split):
+@pytest.mark.parametrize("max_blocks", [ipc_plan.MAX_BLOCKS, 7])  # 7: a grid limit split does not divide
+def test_fused_plan_gives_every_row_and_pack_one_block(world_size, algo, split, max_blocks):
     for n_rows, hidden in ((1, 4096), (3, 8192), (16, 4096), (129, 2048), (5, 64)):
-        if split is not None and split > hidden // 8:
+        if split is not None and split > min(hidden // 8, max_blocks):
             continue
-        plan = ipc_plan.plan_fused(n_rows, hidden, 2, world_size, algo=algo, split=split)
+        plan = ipc_plan.plan_fused(n_rows, hidden, 2, world_size, algo=algo, split=split, max_blocks=max_blocks)
         assert plan.packs_per_row == hidden // 8 and plan.n_rows == n_rows
-        assert 1 <= plan.n_blocks <= ipc_plan.MAX_BLOCKS and plan.n_blocks % plan.split == 0
+        assert 1 <= plan.n_blocks <= max_blocks and plan.n_blocks % plan.split == 0
         assert split is None or plan.split == split
         work = _fused_blocks(plan, world_size)
         covered = {}
@@ -175,6 +176,29 @@ def test_split_spreads_decode_rows_over_blocks():
 def test_forced_split_out_of_range_raises(split):
     with pytest.raises(ValueError, match="split must be in"):
         ipc_plan.plan_fused(1, 64, 2, 2, split=split)  # 64 bf16 = 8 packs: at most 8 blocks
+    with pytest.raises(ValueError, match=r"split must be in \[1, 4\]"):
+        ipc_plan.plan_fused(1, 8192, 2, 2, split=8, max_blocks=4)  # nor more blocks than the grid limit
+
+
+def test_grid_limit_is_what_every_gpu_holds_at_once():
+    # one block per SM: the smallest GPU decides, and ranks sharing a GPU (MPS runs them side by side) split it
+    assert ipc_plan.grid_limit([132, 132], ["a", "b"]) == ipc_plan.MAX_BLOCKS
+    assert ipc_plan.grid_limit([132] * 4, ["a"] * 4) == 33
+    assert ipc_plan.grid_limit([58, 132], ["a", "b"]) == 58  # an L4's 58 SMs: fewer than MAX_BLOCKS
+    assert ipc_plan.grid_limit([132, 132, 132], ["a", "a", "b"]) == ipc_plan.MAX_BLOCKS  # 132 // 2, capped
+    assert ipc_plan.grid_limit([4] * 8, ["a"] * 8) == 0  # nothing fits: the group declines
+
+
+def test_plans_keep_to_the_grid_limit():
+    assert ipc_plan.plan_all_reduce(2**21, 4, 2, max_blocks=33).n_blocks == 33
+    decode = ipc_plan.plan_fused(1, 8192, 2, 8, algo=ONE_SHOT, max_blocks=4)
+    assert decode.split == 4 and decode.n_blocks == 4
+    assert ipc_plan.plan_fused(64, 8192, 2, 2, algo=ONE_SHOT, max_blocks=33).n_blocks == 33
+    for bad in (0, ipc_plan.MAX_BLOCKS + 1):
+        with pytest.raises(ValueError, match="max_blocks must be in"):
+            ipc_plan.plan_all_reduce(64, 4, 2, max_blocks=bad)
+        with pytest.raises(ValueError, match="max_blocks must be in"):
+            ipc_plan.plan_fused(1, 64, 4, 2, max_blocks=bad)
 
 
 @pytest.mark.parametrize("element_size, hidden", [(2, 4100), (4, 4097), (2, 0)])

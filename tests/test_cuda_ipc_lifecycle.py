@@ -42,8 +42,9 @@ class FakeImpl:
     `events` (name, time), and returns for an all-reduce the sum that `world_size` identical inputs give.
     fail: the name of a method that raises; garbage_from: a peer whose transfer pattern reads back wrong."""
 
-    def __init__(self, rank, world_size, fail=None, garbage_from=None):
+    def __init__(self, rank, world_size, fail=None, garbage_from=None, resident_blocks=132):
         self.rank, self.world_size, self.fail, self.garbage_from = rank, world_size, fail, garbage_from
+        self.resident_blocks = resident_blocks
         self.events, self.calls, self.slots = [], [], {}
         self.mapped, self.freed, self.word, self.staged = False, False, 0, None
         self.graph_handles = set()
@@ -87,6 +88,9 @@ class FakeImpl:
         n, r = reference.add_rmsnorm(x * self.world_size, residual, weight, eps)
         normed.copy_(n)
         new_residual.copy_(r)
+
+    def max_resident_blocks(self):
+        return self.resident_blocks
 
     def locate_input(self, t):
         self._event("locate_input")
@@ -400,6 +404,22 @@ def test_wrong_data_over_p2p_declines_every_rank():
     for ok, reason, _, freed in results:
         assert not ok and freed
         assert "rank 0: RuntimeError: 1024 of 1024 words read from rank 1's buffer are wrong" in reason
+
+
+def _connect_with_resident_blocks(tp, resident):
+    impl = FakeImpl(tp.rank, tp.world_size, resident_blocks=resident[tp.rank])
+    comm, reason = CudaIpcCommunicator.connect(tp, impl, CPU, 4096)
+    max_blocks = None if comm is None else comm.max_blocks
+    if comm is not None:
+        comm.close()
+    return max_blocks, reason, impl.freed
+
+
+def test_ranks_agree_on_a_grid_every_gpu_holds_at_once():
+    # CPU test ranks share one "GPU" (the key is the device): its 100 resident blocks are split between them
+    assert spawn_ranks(2, _connect_with_resident_blocks, [100, 120]) == [(50, None, True)] * 2
+    for max_blocks, reason, freed in spawn_ranks(2, _connect_with_resident_blocks, [1, 132]):
+        assert max_blocks is None and freed and "the GPUs run [1, 132] blocks at once" in reason
 
 
 def _close_with_a_lagging_rank(tp):

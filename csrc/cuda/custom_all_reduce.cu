@@ -205,8 +205,10 @@ __device__ __forceinline__ uint32_t plain_body(const Params& p, const RankData& 
 // split) of this rank), added in block order so that every block of the group, and every rank, gets the same
 // bits. A sense-reversing barrier: a block reads the group's generation before arriving; the last block to
 // arrive resets the count and publishes generation + 1; the others wait for it. The blocks of a group are
-// co-resident (the grid is at most kMaxBlocks = 64 blocks, fewer than the SMs of an A100 or H100), so
-// waiting for each other cannot deadlock; they wait only for local work (their loads after [B1]).
+// co-resident: the host refuses a grid larger than what the GPU holds at once (max_resident_blocks; the plan
+// caps it at that, divided by the ranks that share the GPU), so waiting for each other cannot deadlock as long
+// as no other kernel that never finishes (another spin-waiting communicator) holds the SMs; they wait only for
+// local work (their loads after [B1]).
 __device__ __forceinline__ float row_group_sum(const Params& p, float block_total) {
   if (p.split == 1) return block_total;
   __shared__ float group_total;
@@ -378,6 +380,31 @@ cudaError_t launch_all_reduce(const Params& params, DType dtype, bool fused, int
       return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+}
+
+cudaError_t max_resident_blocks(int device, int* blocks) {
+  // The barriers need every block of a launch resident at once (block b of a rank waits for block b of the
+  // peers, and the split rows of the fused kernel for the other blocks of their row): at 512 threads and
+  // ~100-128 registers one block fills an SM's 64 K registers, so this is the SM count on sm_80/sm_90.
+  int sms = 0;
+  cudaError_t error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (error != cudaSuccess) return error;
+  const void* kernels[] = {
+      reinterpret_cast<const void*>(&all_reduce_kernel<float, false>),
+      reinterpret_cast<const void*>(&all_reduce_kernel<float, true>),
+      reinterpret_cast<const void*>(&all_reduce_kernel<__half, false>),
+      reinterpret_cast<const void*>(&all_reduce_kernel<__half, true>),
+      reinterpret_cast<const void*>(&all_reduce_kernel<__nv_bfloat16, false>),
+      reinterpret_cast<const void*>(&all_reduce_kernel<__nv_bfloat16, true>)};
+  int per_sm = -1;
+  for (const void* kernel : kernels) {
+    int n = 0;
+    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreadsPerBlock, 0);
+    if (error != cudaSuccess) return error;
+    per_sm = per_sm < 0 || n < per_sm ? n : per_sm;
+  }
+  *blocks = per_sm * sms;
+  return cudaSuccess;
 }
 
 cudaError_t launch_peer_read(const void* src, void* dst, int64_t n_packs, cudaStream_t stream) {

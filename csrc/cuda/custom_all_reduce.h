@@ -63,6 +63,10 @@ class CustomAllReduce {
                                   int64_t n_blocks, int64_t chunk, int64_t split, int64_t slot, bool stage,
                                   int64_t timeout_ms);
 
+  // How many blocks of the kernels this GPU runs at once; a launch of more is refused (the barriers need every
+  // block resident).
+  int64_t max_resident_blocks() const { return resident_blocks_; }
+
   // -- CUDA-graph inputs ----------------------------------------------------------------------------------
   // (base, offset): the cudaMalloc'd segment of torch's caching allocator that holds input, and input's offset
   // in it. Host bookkeeping only, so it is called while the call is captured, when input is certainly alive: a
@@ -96,6 +100,7 @@ class CustomAllReduce {
 
   int rank_, world_size_, device_;
   int64_t max_bytes_;
+  int64_t resident_blocks_ = 0;
   bool peers_open_ = false;
   bool exported_ = false;
   char* buffer_ = nullptr;          // this rank's IPC buffer

@@ -26,6 +26,7 @@ void bind_cuda_ipc(pybind11::module& m) {
            py::arg("residual"), py::arg("weight"), py::arg("normed"), py::arg("new_residual"), py::arg("eps"),
            py::arg("two_shot"), py::arg("n_blocks"), py::arg("chunk"), py::arg("split"), py::arg("slot"),
            py::arg("stage"), py::arg("timeout_ms"))
+      .def("max_resident_blocks", &CustomAllReduce::max_resident_blocks)
       .def("locate_input", &CustomAllReduce::locate_input, py::arg("input"))
       .def("export_allocation", &CustomAllReduce::export_allocation, py::arg("base"))
       .def("open_buffer", &CustomAllReduce::open_buffer, py::arg("handle"))

@@ -42,6 +42,9 @@ CustomAllReduce::CustomAllReduce(int64_t rank, int64_t world_size, int64_t max_b
     C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_word_host_), sizeof(int), cudaHostAllocMapped));
     *error_word_host_ = 0;
     C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_word_device_), error_word_host_, 0));
+    int resident = 0;
+    C10_CUDA_CHECK(ipc::max_resident_blocks(device_, &resident));  // the free function, not the getter
+    resident_blocks_ = resident;
     // The peers may signal this buffer's flags as soon as the handles are exchanged (the exchange is a
     // host-side collective), so the zeroing must be complete before this returns.
     C10_CUDA_CHECK(cudaDeviceSynchronize());
@@ -201,9 +204,13 @@ int64_t element_size_of(at::ScalarType dtype) {
   return static_cast<int64_t>(c10::elementSize(dtype));
 }
 
-void check_plan(bool two_shot, int64_t n_blocks, int64_t chunk, int64_t work_items, int world_size) {
+void check_plan(bool two_shot, int64_t n_blocks, int64_t chunk, int64_t work_items, int world_size,
+                int64_t resident_blocks) {
   TORCH_CHECK(n_blocks >= 1 && n_blocks <= kMaxBlocks, "CUDA IPC all-reduce: n_blocks must be in [1, ",
               kMaxBlocks, "], got ", n_blocks);
+  // A block that waits at a barrier for a block that cannot be scheduled until it exits never returns.
+  TORCH_CHECK(n_blocks <= resident_blocks, "CUDA IPC all-reduce: n_blocks ", n_blocks, " exceeds the ",
+              resident_blocks, " blocks this GPU runs at once; the barriers need every block resident");
   if (two_shot) {
     TORCH_CHECK(chunk >= 0 && chunk * world_size >= work_items, "CUDA IPC all-reduce: two-shot chunk ", chunk,
                 " x world size ", world_size, " does not cover ", work_items, " items");
@@ -269,7 +276,7 @@ void CustomAllReduce::all_reduce(const at::Tensor& input, at::Tensor& output, bo
   TORCH_CHECK(timeout_ms >= 0, "CUDA IPC all-reduce: timeout_ms must be >= 0 (0: wait forever), got ", timeout_ms);
   const int64_t per_pack = kPackBytes / elem;
   const int64_t n_packs = input.numel() / per_pack;
-  check_plan(two_shot, n_blocks, chunk, n_packs, world_size_);
+  check_plan(two_shot, n_blocks, chunk, n_packs, world_size_, resident_blocks_);
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const RankData* inputs = slot_for(input, slot, stage, stream);
@@ -309,7 +316,7 @@ void CustomAllReduce::allreduce_residual_rmsnorm(const at::Tensor& input, const 
   TORCH_CHECK(timeout_ms >= 0, "CUDA IPC all-reduce: timeout_ms must be >= 0 (0: wait forever), got ", timeout_ms);
   const int64_t n_rows = input.numel() / hidden;
   const int64_t packs_per_row = hidden / per_pack;
-  check_plan(two_shot, n_blocks, chunk, n_rows, world_size_);
+  check_plan(two_shot, n_blocks, chunk, n_rows, world_size_, resident_blocks_);
   TORCH_CHECK(split >= 1 && split <= packs_per_row && n_blocks % split == 0, "CUDA IPC all-reduce: split (blocks "
               "per row) must be in [1, ", packs_per_row, "] and divide n_blocks ", n_blocks, ", got ", split);
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));

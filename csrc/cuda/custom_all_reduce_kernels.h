@@ -80,6 +80,10 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // error code.
 cudaError_t launch_all_reduce(const Params& params, DType dtype, bool fused, int n_blocks, cudaStream_t stream);
 
+// How many blocks of the all-reduce kernels `device` runs at once (blocks per SM for the worst instance x SMs):
+// a launch must not exceed it, since every block waits at barriers for others.
+cudaError_t max_resident_blocks(int device, int* blocks);
+
 // dst[0, n_packs) <- src[0, n_packs) in 16-byte loads by a kernel, the way the all-reduce reads a peer (not
 // by the copy engines, which take another path): the transfer check of a newly mapped peer.
 cudaError_t launch_peer_read(const void* src, void* dst, int64_t n_packs, cudaStream_t stream);

@@ -109,10 +109,12 @@ class CudaIpcCommunicator(Communicator):
 
     name = "ipc"
 
-    def __init__(self, tp: TPGroup, impl, device: torch.device, buffer_bytes: int):
+    def __init__(self, tp: TPGroup, impl, device: torch.device, buffer_bytes: int,
+                 max_blocks: int = ipc_plan.MAX_BLOCKS):
         self.tp = tp
         self.device = device
         self.buffer_bytes = buffer_bytes
+        self.max_blocks = max_blocks  # the grid limit of every plan: the same on every rank (see connect)
         self.timeout_ms = ipc_plan.kernel_timeout_ms()
         self._impl = impl
         self._graphs = GraphSlots(tp.rank, tp.world_size)
@@ -167,10 +169,14 @@ class CudaIpcCommunicator(Communicator):
             n_words = ipc_plan.transfer_check_words(buffer_bytes)
             _agree(tp, _attempt(lambda: impl.write_staging(ipc_plan.transfer_pattern(tp.rank, n_words).to(device))))
             _agree(tp, _attempt(lambda: _check_transfers(tp, impl, device, n_words)))  # also: every rank read
+            resident = _gather_objects(tp, (impl.max_resident_blocks(), _gpu_key(device)))
+            max_blocks = ipc_plan.grid_limit([n for n, _ in resident], [gpu for _, gpu in resident])
+            _agree(tp, None if max_blocks >= 1 else f"the GPUs run {[n for n, _ in resident]} blocks at once, "
+                   "too few for the ranks that share them")
         except _Declined as declined:
             _teardown(tp, impl, device)
             return None, f"connecting the ranks failed ({declined})"
-        return cls(tp, impl, device, buffer_bytes), None
+        return cls(tp, impl, device, buffer_bytes, max_blocks), None
 
     @staticmethod
     def probe(tp: TPGroup, device: Optional[torch.device] = None,
@@ -225,7 +231,8 @@ class CudaIpcCommunicator(Communicator):
         out = torch.empty_like(x)
         if x.numel() == 0:
             return out
-        plan = ipc_plan.plan_all_reduce(x.numel(), x.element_size(), self.tp.world_size, self.buffer_bytes, algo)
+        plan = ipc_plan.plan_all_reduce(x.numel(), x.element_size(), self.tp.world_size, self.buffer_bytes, algo,
+                                        max_blocks=self.max_blocks)
         slot, stage = self._input_slot(x, "all_reduce")
         impl.all_reduce(x, out, plan.two_shot, plan.n_blocks, plan.chunk, slot, stage, self.timeout_ms)
         return out
@@ -251,7 +258,7 @@ class CudaIpcCommunicator(Communicator):
             return normed, new_residual
         hidden = x.shape[-1]
         plan = ipc_plan.plan_fused(x.numel() // hidden, hidden, x.element_size(), self.tp.world_size,
-                                   self.buffer_bytes, algo, split)
+                                   self.buffer_bytes, algo, split, max_blocks=self.max_blocks)
         slot, stage = self._input_slot(x, "allreduce_residual_rmsnorm")
         impl.allreduce_residual_rmsnorm(x, residual, weight, normed, new_residual, eps, plan.two_shot,
                                         plan.n_blocks, plan.chunk, plan.split, slot, stage, self.timeout_ms)
@@ -371,6 +378,12 @@ def _check_transfers(tp: TPGroup, impl, device: torch.device, n_words: int) -> N
         if wrong:
             raise RuntimeError(f"{wrong} of {n_words} words read from rank {peer}'s buffer are wrong: the driver "
                                "reports peer access but moves wrong data")
+
+
+def _gpu_key(device: torch.device) -> str:
+    """What tells this rank's GPU from its peers' (the PCI address: CUDA_VISIBLE_DEVICES may number one GPU
+    differently in each process)."""
+    return ipc_topology.pci_id(device.index) if device.type == "cuda" else str(device)
 
 
 def _packed(t: torch.Tensor) -> torch.Tensor:

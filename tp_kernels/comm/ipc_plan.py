@@ -118,8 +118,25 @@ def pack_elems(element_size: int) -> int:
     return PACK_BYTES // element_size
 
 
-def _blocks_for(work_items: int, items_per_block: int) -> int:
-    return max(1, min(MAX_BLOCKS, -(-work_items // items_per_block)))
+def _blocks_for(work_items: int, items_per_block: int, max_blocks: int) -> int:
+    return max(1, min(max_blocks, -(-work_items // items_per_block)))
+
+
+def check_max_blocks(max_blocks: int) -> None:
+    if not 1 <= max_blocks <= MAX_BLOCKS:
+        raise ValueError(f"max_blocks must be in [1, {MAX_BLOCKS}], got {max_blocks}")
+
+
+def grid_limit(resident_blocks: Sequence[int], gpu_ids: Sequence[str]) -> int:
+    """The largest grid every rank may launch (0: none), from each rank's resident_blocks (how many blocks of
+    the kernels its GPU runs at once: 1 per SM on sm_80/sm_90) and gpu_ids (ranks with the same id share a
+    GPU). Every block waits at barriers for blocks of the other ranks (and, for split rows, of its own), so
+    a grid that does not fit at once can wait forever for a block that is never scheduled: on a GPU with
+    fewer than 64 SMs, or with ranks sharing a GPU under MPS, where their kernels run side by side (4 ranks x
+    64 blocks > an H100's 132 SMs). Time-sliced ranks (no MPS) would not need the division; it costs them
+    nothing that matters (they are a test setting)."""
+    sharing = max(list(gpu_ids).count(g) for g in gpu_ids)
+    return min(MAX_BLOCKS, min(resident_blocks) // sharing)
 
 
 def _algo_for(nbytes: int, world_size: int, algo: Optional[str]) -> str:
@@ -132,9 +149,11 @@ def _algo_for(nbytes: int, world_size: int, algo: Optional[str]) -> str:
 
 
 def plan_all_reduce(numel: int, element_size: int, world_size: int, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-                    algo: Optional[str] = None) -> Plan:
+                    algo: Optional[str] = None, max_blocks: int = MAX_BLOCKS) -> Plan:
     """The plan for an all-reduce of numel elements of element_size bytes. algo=None chooses by size;
-    naming one forces it (tests and benchmarks run both algorithms at every size)."""
+    naming one forces it (tests and benchmarks run both algorithms at every size). max_blocks: the
+    communicator's grid_limit."""
+    check_max_blocks(max_blocks)
     nbytes = numel * element_size
     check_message_bytes(nbytes, buffer_bytes)
     per_pack = pack_elems(element_size)
@@ -142,8 +161,8 @@ def plan_all_reduce(numel: int, element_size: int, world_size: int, buffer_bytes
     algo = _algo_for(nbytes, world_size, algo)
     chunk = -(-n_packs // world_size) if algo == TWO_SHOT else n_packs
     # one thread per pack of this rank's share; at least one block for the tail and the barriers
-    return Plan(algo=algo, n_blocks=_blocks_for(chunk, THREADS_PER_BLOCK), chunk=chunk, n_packs=n_packs,
-                n_tail=n_tail)
+    return Plan(algo=algo, n_blocks=_blocks_for(chunk, THREADS_PER_BLOCK, max_blocks), chunk=chunk,
+                n_packs=n_packs, n_tail=n_tail)
 
 
 def fused_fallback_reason(hidden: int, element_size: int) -> Optional[str]:
@@ -165,19 +184,20 @@ FUSED_MIN_PACKS_PER_BLOCK = 128
 MAX_SPLIT = 16
 
 
-def choose_split(rows_per_rank: int, packs_per_row: int) -> int:
+def choose_split(rows_per_rank: int, packs_per_row: int, max_blocks: int = MAX_BLOCKS) -> int:
     """Blocks per row for the fused kernel when each rank normalizes rows_per_rank rows."""
-    if rows_per_rank >= MAX_BLOCKS:
+    if rows_per_rank >= max_blocks:
         return 1
     by_work = -(-packs_per_row // FUSED_MIN_PACKS_PER_BLOCK)
-    return max(1, min(MAX_BLOCKS // max(rows_per_rank, 1), by_work, MAX_SPLIT))
+    return max(1, min(max_blocks // max(rows_per_rank, 1), by_work, MAX_SPLIT))
 
 
 def plan_fused(n_rows: int, hidden: int, element_size: int, world_size: int,
                buffer_bytes: int = DEFAULT_BUFFER_BYTES, algo: Optional[str] = None,
-               split: Optional[int] = None) -> Plan:
-    """The plan for allreduce_residual_rmsnorm over n_rows rows of hidden elements (algo as in
-    plan_all_reduce; split=None lets choose_split decide, a number forces it: tests run both)."""
+               split: Optional[int] = None, max_blocks: int = MAX_BLOCKS) -> Plan:
+    """The plan for allreduce_residual_rmsnorm over n_rows rows of hidden elements (algo and max_blocks as
+    in plan_all_reduce; split=None lets choose_split decide, a number forces it: tests run both)."""
+    check_max_blocks(max_blocks)
     reason = fused_fallback_reason(hidden, element_size)
     if reason is not None:
         raise ValueError(reason)
@@ -187,13 +207,14 @@ def plan_fused(n_rows: int, hidden: int, element_size: int, world_size: int,
     packs_per_row = hidden // pack_elems(element_size)
     chunk = -(-n_rows // world_size) if algo == TWO_SHOT else n_rows
     if split is None:
-        split = choose_split(chunk, packs_per_row)
-    elif not 1 <= split <= min(MAX_BLOCKS, packs_per_row):
-        raise ValueError(f"split must be in [1, {min(MAX_BLOCKS, packs_per_row)}] (blocks per row, each taking at "
-                         f"least one of the row's {packs_per_row} packs), got {split}")
+        split = choose_split(chunk, packs_per_row, max_blocks)
+    elif not 1 <= split <= min(max_blocks, packs_per_row):
+        raise ValueError(f"split must be in [1, {min(max_blocks, packs_per_row)}] (blocks per row, each taking at "
+                         f"least one of the row's {packs_per_row} packs, at most the grid of {max_blocks}), "
+                         f"got {split}")
     # groups of `split` blocks, one row per group at a time; the row's sum of squares is a block (then a
     # row-group) reduction
-    n_groups = max(1, min(chunk, MAX_BLOCKS // split))
+    n_groups = max(1, min(chunk, max_blocks // split))
     return Plan(algo=algo, n_blocks=n_groups * split, chunk=chunk, n_rows=n_rows, packs_per_row=packs_per_row,
                 split=split)
 
