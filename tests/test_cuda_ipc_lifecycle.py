@@ -422,6 +422,31 @@ def test_ranks_agree_on_a_grid_every_gpu_holds_at_once():
         assert max_blocks is None and freed and "the GPUs run [1, 132] blocks at once" in reason
 
 
+def _create_with_rank1_out_of_memory(tp):
+    def construct(rank, world_size, buffer_bytes, device_index):
+        if rank == 1:
+            raise RuntimeError("CUDA error: out of memory\nC++ trace")
+        made.append(FakeImpl(rank, world_size))
+        return made[-1]
+
+    made = []
+    saved_probe, saved_extension = CudaIpcCommunicator.probe, cuda_ipc._extension
+    CudaIpcCommunicator.probe = staticmethod(lambda tp, device=None, allow_shared_gpu=False: (None, CPU))
+    cuda_ipc._extension = SimpleNamespace(_C=SimpleNamespace(CustomAllReduce=construct))
+    try:  # a pooled rank process: restored below
+        comm, reason = CudaIpcCommunicator.create_or_reason(tp)
+    finally:
+        CudaIpcCommunicator.probe, cuda_ipc._extension = saved_probe, saved_extension
+    return comm is None, reason, [impl.freed for impl in made]
+
+
+def test_a_rank_failing_to_allocate_declines_every_rank():
+    (declined0, reason0, freed0), (declined1, reason1, freed1) = spawn_ranks(2, _create_with_rank1_out_of_memory)
+    assert declined0 and declined1 and reason0 == reason1
+    assert "allocating the IPC buffers failed (rank 1: RuntimeError: CUDA error: out of memory)" in reason0
+    assert freed0 == [True] and freed1 == [], "rank 0 frees the buffer it made"
+
+
 def _close_with_a_lagging_rank(tp):
     impl = FakeImpl(tp.rank, tp.world_size)
     comm, _ = CudaIpcCommunicator.connect(tp, impl, CPU, 4096)

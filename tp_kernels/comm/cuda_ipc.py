@@ -147,7 +147,18 @@ class CudaIpcCommunicator(Communicator):
         reason, device = cls.probe(tp, device, allow_shared_gpu)
         if reason is not None:
             return None, reason
-        impl = _extension._C.CustomAllReduce(tp.rank, tp.world_size, buffer_bytes, device.index)
+        impl = None
+
+        def construct():
+            nonlocal impl
+            impl = _extension._C.CustomAllReduce(tp.rank, tp.world_size, buffer_bytes, device.index)
+
+        try:  # one rank failing to allocate (out of memory, say) must not leave the others waiting in connect
+            _agree(tp, _attempt(construct))
+        except _Declined as declined:
+            if impl is not None:
+                impl.free_buffers()  # nothing was exported yet, so nobody maps it
+            return None, f"allocating the IPC buffers failed ({declined})"
         return cls.connect(tp, impl, device, buffer_bytes)
 
     @classmethod
