@@ -505,6 +505,37 @@ def test_registration_across_ranks_with_mixed_staging():
     assert released0 == {} and released1 == {}, "release_graph_buffers empties the slots"
 
 
+def _capture_failing_on_rank1(tp):
+    impl = FakeImpl(tp.rank, tp.world_size)
+    comm, _ = CudaIpcCommunicator.connect(tp, impl, CPU, 4096)
+    is_capturing = torch.cuda.is_current_stream_capturing
+    torch.cuda.is_current_stream_capturing = lambda: True  # a pooled rank process: restored below
+    error = None
+    start = time.monotonic()
+    try:
+        with comm.capture():
+            comm.all_reduce(torch.zeros(16))
+            if tp.rank == 1:
+                raise ValueError("out of memory while capturing")
+    except (RuntimeError, ValueError) as e:
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        torch.cuda.is_current_stream_capturing = is_capturing
+    seconds = time.monotonic() - start
+    comm.close()
+    return error, dict(impl.slots), seconds
+
+
+def test_a_capture_failing_on_one_rank_raises_on_every_rank_without_waiting():
+    (error0, slots0, seconds), (error1, slots1, _) = spawn_ranks(2, _capture_failing_on_rank1)
+    # without rank 1 at the exchange, rank 0 would wait there until the gloo timeout (60 s in these tests)
+    assert seconds < 20, f"rank 0 waited {seconds:.0f} s for rank 1 at the registration"
+    assert error0 == ("RuntimeError: registering the captured IPC all-reduces failed: rank 1: its capture raised "
+                      "ValueError")
+    assert error1 == "ValueError: out of memory while capturing"  # its own error, not the exchange's
+    assert slots0 == {} and slots1 == {}
+
+
 def test_registration_of_different_collectives_raises_on_every_rank():
     for error, _, registered, _, _ in spawn_ranks(2, _register_across_ranks, True):
         assert error is not None and "captured all-reduce #1 differs between ranks" in error

@@ -296,16 +296,20 @@ class CudaIpcCommunicator(Communicator):
     @contextlib.contextmanager
     def capture(self):
         """Wrap torch.cuda.graph capture so captured inputs are read in place; the captured calls are
-        registered when the block exits normally (a collective). After an exception they are discarded
-        (the other ranks may not be there to exchange addresses; a replay of them would trap)."""
+        registered when the block exits (a collective). After an exception they are discarded (a replay of
+        them would trap), and this rank still takes part in the exchange, reporting the failure, so that the
+        peers raise naming it instead of waiting for it until the process group's timeout."""
         self._live()
         if self._capturing:
             raise RuntimeError("CudaIpcCommunicator.capture() blocks cannot be nested")
         self._capturing = True
         try:
             yield self
-        except BaseException:
+        except BaseException as error:
+            self._capturing = False
             self._graphs.discard_pending()
+            with contextlib.suppress(Exception):  # the capture's own error is the one to raise here
+                self._exchange_records(failure=f"its capture raised {type(error).__name__}")
             raise
         finally:
             self._capturing = False
@@ -314,12 +318,17 @@ class CudaIpcCommunicator(Communicator):
     def register_graph_buffers(self) -> int:
         """Exchange the records of the calls captured inside capture() since the last call and fill their
         slots. Collective. Returns how many calls were registered."""
+        return self._exchange_records(failure=None)
+
+    def _exchange_records(self, failure: Optional[str]) -> int:
+        """register_graph_buffers; failure: why this rank has nothing to register (every rank then raises)."""
         impl = self._live()
-        records, error = None, None
-        try:
-            records = self._graphs.local_records(impl.export_allocation)
-        except RuntimeError as e:
-            error = str(e).splitlines()[0]
+        records, error = None, failure
+        if failure is None:
+            try:
+                records = self._graphs.local_records(impl.export_allocation)
+            except RuntimeError as e:
+                error = str(e).splitlines()[0]
         outcomes = _gather_objects(self.tp, (len(self._graphs.pending), error))
         counts = [n for n, _ in outcomes]
         failed = [f"rank {r}: {e}" for r, (_, e) in enumerate(outcomes) if e is not None]
