@@ -172,6 +172,7 @@ def _ipc_under_overlap(rank):
             graph.replay()
             torch.cuda.synchronize()
             check(y, f"replay {step}")
+        ipc.inner.release_graph_buffers()  # the peers unmap this graph's memory before it is freed
         del graph
         tp.close()  # closes the IPC communicator (collective)
         return eager_calls, captured_slots
