@@ -140,6 +140,15 @@ def _communicator(world_size, impl=None, buffer_bytes=ipc_plan.DEFAULT_BUFFER_BY
     return CudaIpcCommunicator(tp, impl or FakeImpl(rank, world_size), CPU, buffer_bytes)
 
 
+def test_fake_impl_mirrors_the_compiled_launcher():
+    # the tests below stand FakeImpl in for _C.CustomAllReduce: a method renamed on one side only would pass
+    # here and fail on the first GPU
+    if not _extension.built_with_cuda():
+        pytest.skip("tp_kernels._C was built without CUDA: there is no launcher to compare with")
+    public = lambda cls: {name for name in dir(cls) if not name.startswith("_")}  # noqa: E731
+    assert public(FakeImpl) == public(_extension._C.CustomAllReduce)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # plans and slots reach the launcher
 # ----------------------------------------------------------------------------------------------------------
