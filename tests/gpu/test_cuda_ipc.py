@@ -110,7 +110,8 @@ def _fused_cases(rank):
                 for split in (None, 1):
                     case += 1
                     plan = ipc_plan.plan_fused(n_rows, hidden, torch.empty((), dtype=dtype).element_size(),
-                                               rank.world_size, algo=algo, split=split)
+                                               rank.world_size, algo=algo, split=split,
+                                               max_blocks=comm.max_blocks)  # the plan the call gets
                     splits_seen.add(plan.split)
                     msg = f"({n_rows}, {hidden}) {dtype} algo={algo} split={plan.split} rank {rank.rank}"
                     x = _inputs(1000 * case + rank.rank, n_rows * hidden, dtype, rank.device).view(n_rows, hidden)
