@@ -253,7 +253,7 @@ def _register_locally(comm):
     return n
 
 
-def test_only_calls_captured_inside_capture_get_slots(capturing, monkeypatch):
+def test_only_calls_captured_inside_capture_get_slots(capturing, native_allocator, monkeypatch):
     comm = _communicator(2)
     monkeypatch.setattr(comm, "register_graph_buffers", lambda: _register_locally(comm))
     backing = torch.zeros(64 + 1)
@@ -353,7 +353,38 @@ def test_an_input_that_cannot_be_located_is_staged():
         slots.claim(0x1000_0010, 64, "all_reduce", lambda: (0x1000_0000, 0))
 
 
-def test_captured_inputs_are_located_while_alive_and_exported_after(capturing, monkeypatch):
+@pytest.fixture
+def native_allocator(monkeypatch):
+    """torch.cuda.memory.get_allocator_backend(), settable (it needs CUDA)."""
+    state = {"backend": "native"}
+    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: state["backend"])
+    return state
+
+
+def test_inputs_that_cannot_be_exported_are_staged_with_a_warning(capturing, native_allocator, caplog):
+    cuda_ipc._warned.clear()
+    comm = _communicator(2)
+    comm._graphs.claim = lambda address, nbytes, op, locate: (1, locate() is None)  # the slot is not the point
+    capturing["on"] = comm._capturing = True
+    x = torch.zeros(64)
+    with caplog.at_level(logging.WARNING, logger="tp_kernels.comm.cuda_ipc"):
+        comm.all_reduce(x)  # located: read in place
+        native_allocator["backend"] = "cudaMallocAsync"
+        comm.all_reduce(x)  # stream-ordered pools: staged
+        native_allocator["backend"] = "native"
+
+        def refuse(t):  # what the launcher raises for an expandable segment
+            raise RuntimeError("CUDA IPC all-reduce: a captured input is not a live block of torch's CUDA caching "
+                               "allocator (Tensors allocated with expandable_segments:True cannot be shared ...)")
+
+        comm._impl.locate_input = refuse
+        comm.all_reduce(x)  # torch refuses: staged
+    assert [c[-2] for c in comm._impl.calls] == [False, True, True]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "cudaMallocAsync allocator backend" in warnings[0], "warned once, with why"
+
+
+def test_captured_inputs_are_located_while_alive_and_exported_after(capturing, native_allocator, monkeypatch):
     # A captured input is usually a temporary (a GEMM's output): freed when the call returns, before the
     # capture ends, when torch's allocator no longer knows it. So its allocation is found during the capture
     # and only the allocation (which the graph's pool keeps) is exported at registration.

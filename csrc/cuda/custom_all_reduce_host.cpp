@@ -364,8 +364,8 @@ at::Tensor CustomAllReduce::export_allocation(int64_t base) const {
   cudaIpcMemHandle_t handle;
   const cudaError_t err = cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(static_cast<uintptr_t>(base)));
   if (err != cudaSuccess) (void)cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "CUDA IPC all-reduce: cannot export the allocation of a captured input (",
-              cudaGetErrorString(err), "); PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True is not supported");
+  TORCH_CHECK(err == cudaSuccess, "CUDA IPC all-reduce: cannot export the allocation of a captured input "
+              "(cudaIpcGetMemHandle: ", cudaGetErrorString(err), ")");
   at::Tensor out = at::empty({kIpcHandleBytes}, at::TensorOptions().dtype(at::kByte));
   std::memcpy(out.data_ptr(), &handle, kIpcHandleBytes);
   return out;

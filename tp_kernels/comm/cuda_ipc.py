@@ -285,13 +285,21 @@ class CudaIpcCommunicator(Communicator):
 
     def _locate(self, x: torch.Tensor) -> Optional[Tuple[int, int]]:
         """(base, offset) of x's allocation, found now while x is alive; None (x is then staged, with a
-        warning once) where x is not memory of torch's caching allocator."""
-        try:
-            return self._impl.locate_input(x)
-        except RuntimeError as error:
-            warn_once("locate", "CUDA IPC all-reduce: a captured input is copied into the staging buffer instead "
-                                f"of read in place: {str(error).splitlines()[0]}")
-            return None
+        warning once) where x's memory cannot be exported: not torch's native caching allocator (the
+        cudaMallocAsync backend's pools need another export API), an expandable segment (torch refuses to
+        locate those: they are not cudaMalloc'd), or memory torch did not allocate."""
+        why = None
+        backend = torch.cuda.memory.get_allocator_backend()
+        if backend != "native":
+            why = f"the {backend} allocator backend's memory cannot be exported with cudaIpcGetMemHandle"
+        else:
+            try:
+                return self._impl.locate_input(x)
+            except RuntimeError as error:
+                why = str(error).splitlines()[0]
+        warn_once("locate", f"CUDA IPC all-reduce: captured inputs are copied into the staging buffer instead of "
+                            f"read in place: {why}")
+        return None
 
     @contextlib.contextmanager
     def capture(self):

@@ -37,7 +37,8 @@ RECORD_WORDS = 4 + IPC_HANDLE_BYTES // 8
 @dataclass(frozen=True)
 class CapturedCall:
     """One all-reduce captured inside capture(): its slot; if read in place (else None: staged) its input's
-    address, and the base of the allocation holding it (the input is at base + address - base)."""
+    address, and the base of the allocation holding it (a peer finds the input address - base bytes into
+    its mapping of that allocation)."""
 
     slot: int
     address: Optional[int]
