@@ -99,8 +99,9 @@ def test_cycle_finder_finds_one():
 
 
 def test_constants_defined_once():
-    """ROPE_STYLES and the parsing of TP_KERNELS_COMM_TIMEOUT each live in one module."""
-    definitions = {"ROPE_STYLES =": [], "os.environ.get(TIMEOUT_ENV)": [], "environ.get(TIMEOUT_ENV)": []}
+    """ROPE_STYLES and the parsing of the timeout variables (TP_KERNELS_COMM_TIMEOUT, TP_KERNELS_IPC_TIMEOUT)
+    each live in one module."""
+    definitions = {"ROPE_STYLES =": [], "TIMEOUT_ENV =": [], "_seconds_from_env(": []}
     for name, path in _modules().items():
         if path is None:
             continue
@@ -109,5 +110,5 @@ def test_constants_defined_once():
             if re.search(re.escape(pattern), text):
                 definitions[pattern].append(name)
     assert definitions["ROPE_STYLES ="] == ["tp_kernels.reference"]
-    assert definitions["environ.get(TIMEOUT_ENV)"] == ["tp_kernels.comm.base"]
-    assert definitions["os.environ.get(TIMEOUT_ENV)"] == []
+    assert definitions["TIMEOUT_ENV ="] == ["tp_kernels.comm.base"]
+    assert definitions["_seconds_from_env("] == ["tp_kernels.comm.base"]

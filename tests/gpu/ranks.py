@@ -30,6 +30,7 @@ import torch.distributed as dist
 from conftest import RankError, spawn_ranks
 from tp_kernels import _extension
 from tp_kernels.comm import ipc_plan
+from tp_kernels.comm.base import IPC_KERNEL_TIMEOUT_ENV
 from tp_kernels.comm.cuda_ipc import CudaIpcCommunicator
 from tp_kernels.distributed import TPGroup
 
@@ -82,7 +83,7 @@ class GpuRank:
             if "NVLink" in reason:
                 raise NotSupportedHere(f"{NOT_SUPPORTED_HERE} {reason}")
             raise RuntimeError(f"CudaIpcCommunicator declined: {reason}")
-        if ipc_plan.KERNEL_TIMEOUT_ENV not in os.environ:
+        if IPC_KERNEL_TIMEOUT_ENV not in os.environ:
             # A protocol bug that hangs traps within a minute, naming the rank, instead of using up the
             # run's budget (run_on_gpus waits 300 s); a legitimate wait here is a few time slices.
             comm.timeout_ms = TEST_KERNEL_TIMEOUT_MS

@@ -349,7 +349,6 @@ def allow_shared_gpu(environ: Optional[Mapping[str, str]] = None) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # barrier timeout, and what a trapped kernel left in the error word
 # ----------------------------------------------------------------------------------------------------------
-KERNEL_TIMEOUT_ENV = IPC_KERNEL_TIMEOUT_ENV  # parsed in tp_kernels.comm.base, with the other timeouts
 # Mirrors of custom_all_reduce_kernels.h: error word = kind << ERROR_KIND_SHIFT | detail.
 ERROR_KIND_SHIFT = 24
 ERROR_BARRIER_TIMEOUT = 1
@@ -372,7 +371,7 @@ def describe_kernel_error(word: int, timeout_ms: int) -> Optional[str]:
     unusable = "; the kernel trapped and this process's CUDA context is unusable"
     if kind == ERROR_BARRIER_TIMEOUT:
         return (f"rank {detail} did not arrive at a barrier within {timeout_ms / 1000:g} s "
-                f"({KERNEL_TIMEOUT_ENV}){unusable}")
+                f"({IPC_KERNEL_TIMEOUT_ENV}){unusable}")
     if kind == ERROR_NULL_INPUT:
         return (f"an all-reduce captured inside capture() was replayed while its slot {detail} held no peer "
                 f"pointers (before register_graph_buffers(), or after release_graph_buffers()){unusable}")

@@ -36,7 +36,7 @@ import torch.nn as nn
 from tp_kernels.distributed import TPGroup
 from tp_kernels.parallelize.families import FAMILY_PLANS
 from tp_kernels.parallelize.hf_plan import hf_tp_plan, plan_from_hf
-from tp_kernels.parallelize.plan import AttributeChange, ParallelPlan, PerRankConfig, TPPlan
+from tp_kernels.parallelize.plan import PLAN_ATTRIBUTE, AttributeChange, ParallelPlan, PerRankConfig, TPPlan
 from tp_kernels.parallelize.planner import make_plan
 from tp_kernels.parallelize.saving import save_pretrained
 from tp_kernels.parallelize.styles import (Column, Embedding, FusedQKV, Heads, LayerSwap, LMHead, Merged, PlanError,
@@ -47,7 +47,6 @@ __all__ = ["parallelize", "save_pretrained", "TPPlan", "ParallelPlan", "LayerSwa
            "LMHead", "FAMILY_PLANS", "SUPPORTED_ARCHITECTURES"]
 
 SUPPORTED_ARCHITECTURES = tuple(FAMILY_PLANS)
-PLAN_ATTRIBUTE = "tp_kernels_plan"  # set on a converted model: its ParallelPlan (save_pretrained reads it)
 
 _warned_derived = set()
 

@@ -24,6 +24,9 @@ QUANTITIES = {
 }
 
 
+PLAN_ATTRIBUTE = "tp_kernels_plan"  # set on a converted model: its ParallelPlan (save_pretrained reads it)
+
+
 @dataclass(frozen=True)
 class TPPlan:
     """How to split a model, as data.

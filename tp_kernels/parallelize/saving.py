@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from tp_kernels import ops
+from tp_kernels.parallelize.plan import PLAN_ATTRIBUTE
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -92,7 +93,6 @@ def save_pretrained(model: nn.Module, save_directory, *, max_shard_bytes: int = 
     writes. Returns the file names written (on rank 0; [] on the others). Raises on every rank if rank 0
     could not write.
     """
-    from tp_kernels.parallelize import PLAN_ATTRIBUTE
 
     plan = getattr(model, PLAN_ATTRIBUTE, None)
     if plan is None:
