@@ -96,7 +96,7 @@ class SymmetricBuffer:
         self.failure: Optional[str] = None
         self._keepalive = keepalive  # what backs the mappings (segment, local and peer tensors)
         self._on_close = on_close
-        self._watchdog: Optional[threading.Timer] = None
+        self._watchdog: Optional[_Watchdog] = None
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -161,20 +161,15 @@ class SymmetricBuffer:
         self.calls += 1
         if self.device.type == "cpu":
             self.status[STATUS_ABORT] = 0
-            self._watchdog = threading.Timer(self.timeout_s, self._abort)
-            self._watchdog.daemon = True
-            self._watchdog.start()
+            self._watchdog = _Watchdog(self.status, self.timeout_s)
 
     def end_call(self, op: str) -> None:
         """After a launch: on CPU (synchronous) disarm the watchdog and raise if a wait gave up."""
         if self._watchdog is not None:
-            self._watchdog.cancel()
+            self._watchdog.stop()
             self._watchdog = None
         if self.device.type == "cpu":
             self._raise_if_failed(op)
-
-    def _abort(self) -> None:
-        self.status[STATUS_ABORT] = 1  # read by the interpreted waits (matches the abort test in wait_signal)
 
     def _raise_if_failed(self, op: str) -> None:
         if self.failure is None:
@@ -215,6 +210,29 @@ class SymmetricBuffer:
                 item.close()
         if _BUFFERS.get(self.tp_name) is self:
             del _BUFFERS[self.tp_name]
+
+
+class _Watchdog:
+    """The interpreter's clock for the waits of one call: raises status[STATUS_ABORT] by one per
+    timeout_s elapsed (read by wait_signals, which gives up at its patience, 1 or 2), until stopped."""
+
+    LEVELS = 2  # the longest patience of a wait
+
+    def __init__(self, status: torch.Tensor, timeout_s: float):
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(status, timeout_s), daemon=True,
+                                        name="tp_kernels-symmetric-watchdog")
+        self._thread.start()
+
+    def _run(self, status: torch.Tensor, timeout_s: float) -> None:
+        for level in range(1, self.LEVELS + 1):
+            if self._stopped.wait(timeout_s):
+                return
+            status[STATUS_ABORT] = level
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
 
 
 def buffer_of(tp_name: str) -> Optional[SymmetricBuffer]:

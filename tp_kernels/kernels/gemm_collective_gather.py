@@ -75,7 +75,7 @@ def _allgather_gemm_kernel(
         source_buffer = tl.load(table_ptr + source)
         lanes = tl.arange(0, 2)  # wait_signals takes vectors: one lane used
         failed = wait_signals((source_buffer + signal_offset).to(tl.pointer_type(tl.int64)) + tile_m + lanes * 0,
-                              lanes * 0 + source, lanes == 0, tag, control_ptr, status_ptr, timeout_ns,
+                              lanes * 0 + source, lanes == 0, tag, control_ptr, status_ptr, timeout_ns, 1,
                               USE_GLOBALTIMER)  # [D]
         rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of source's block
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)

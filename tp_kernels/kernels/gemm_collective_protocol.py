@@ -13,7 +13,7 @@ release and polled by another with a system-scope acquire. Its value is `tag * 2
   so the ranks downstream name the rank that is really missing.
 
 Waits are bounded: on a GPU by the global timer (timeout_ns); under the interpreter, which has no clock
-a kernel can read, by an abort flag a host watchdog raises after the timeout. A program that gives up
+a kernel can read, by an abort level a host watchdog raises by one per timeout. A program that gives up
 records the missing rank (the first one wins) in the device control word, which makes the other waits
 of this launch give up at once, and in the host-visible status word the launcher reads.
 
@@ -60,25 +60,28 @@ def raise_signals(signal_ptrs, tag, flag, valid=None):
 
 
 @triton.jit
-def wait_signals(signal_ptrs, ranks, valid, tag, control_ptr, status_ptr, timeout_ns,
+def wait_signals(signal_ptrs, ranks, valid, tag, control_ptr, status_ptr, timeout_ns, patience,
                  USE_GLOBALTIMER: tl.constexpr):
     """Wait until every valid word of the vector signal_ptrs holds this call's tag (matches
     raise_signals); ranks[i] is the rank that raises word i. Returns 0 when all arrived with their data,
     else 1 + the lowest rank to blame: the rank a relayed failure names (flag k > 0: rank k - 1), or the
-    rank of a word this wait gave up on (timeout, or another wait of this launch gave up first). The
-    trailing barrier orders every thread's loads of the data after the acquire."""
+    rank of a word this wait gave up on. It gives up after patience timeouts (GPU: the global timer;
+    interpreter: the watchdog's abort level reaching patience), or at once when another wait of this
+    launch gave up. A wait for data that another rank relays has patience 2, so that rank's own wait
+    (patience 1) gives up first and relays the name of the rank that is really missing. The trailing
+    barrier orders every thread's loads of the data after the acquire."""
     seen = tl.atomic_add(signal_ptrs, 0, mask=valid, sem="acquire", scope="sys")
     arrived = ((seen >> 8) == tag) | (valid == 0)
     deadline = timeout_ns
     if USE_GLOBALTIMER:
-        deadline = tl.extra.cuda.globaltimer() + timeout_ns
+        deadline = tl.extra.cuda.globaltimer() + patience * timeout_ns
     give_up = 0
     while (tl.reduce(arrived.to(tl.int32), 0, _minimum) == 0) & (give_up == 0):
         failed_here = tl.load(control_ptr + CONTROL_FAILED, volatile=True) != 0
         if USE_GLOBALTIMER:
             give_up = (failed_here | (tl.extra.cuda.globaltimer() > deadline)).to(tl.int32)
-        else:  # matches SymmetricBuffer._abort, the watchdog
-            give_up = (failed_here | (tl.load(status_ptr + STATUS_ABORT, volatile=True) != 0)).to(tl.int32)
+        else:  # matches SymmetricBuffer's watchdog, which raises the abort level once per timeout
+            give_up = (failed_here | (tl.load(status_ptr + STATUS_ABORT, volatile=True) >= patience)).to(tl.int32)
         seen = tl.atomic_add(signal_ptrs, 0, mask=valid, sem="acquire", scope="sys")
         arrived = ((seen >> 8) == tag) | (valid == 0)
     tl.debug_barrier()

@@ -104,7 +104,7 @@ def _gemm_reduce_kernel(
         tl.store(my_data + tile_offsets, acc.to(element), mask=mask)
         raise_signals(my_signals + pid, tag, 0)  # matches wait [C]
         failed = wait_signals((buffers + signal_offset + pid * 8).to(tl.pointer_type(tl.int64)), lanes, lane_valid,
-                              tag, control_ptr, status_ptr, timeout_ns, USE_GLOBALTIMER)  # [C]
+                              tag, control_ptr, status_ptr, timeout_ns, 1, USE_GLOBALTIMER)  # [C]
         total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for source in range(0, world_size):  # rank order: every rank sums the same values the same way
             partials = (tl.load(table_ptr + source) + data_start).to(tl.pointer_type(element))
@@ -125,7 +125,7 @@ def _gemm_reduce_kernel(
         total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         if rank == owner:
             failed = wait_signals(my_signals + lanes * tiles_per_owner + local_tile, lanes, lane_valid, tag,
-                                  control_ptr, status_ptr, timeout_ns, USE_GLOBALTIMER)  # [A]
+                                  control_ptr, status_ptr, timeout_ns, 1, USE_GLOBALTIMER)  # [A]
             for source in range(0, world_size):  # rank order
                 total += tl.load(my_data + source * rows_per_owner * N + slot_offsets, mask=mask,
                                  other=0.0).to(tl.float32)
@@ -140,7 +140,7 @@ def _gemm_reduce_kernel(
                               failed, lane_valid & (lanes != rank))  # matches wait [B]
         elif MODE == 1:
             failed = wait_signals(my_signals + relay_signal + lanes * 0, lanes * 0 + owner, lanes == 0, tag,
-                                  control_ptr, status_ptr, timeout_ns, USE_GLOBALTIMER)  # [B]
+                                  control_ptr, status_ptr, timeout_ns, 2, USE_GLOBALTIMER)  # [B]
             total = tl.load(relay + tile_offsets, mask=mask, other=0.0).to(tl.float32)  # bias included
     if failed != 0:
         record_missing(control_ptr, status_ptr, failed - 1)
