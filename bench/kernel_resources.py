@@ -14,7 +14,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels, not the interpreter's 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import RESULTS_DIR  # noqa: E402
-from tp_kernels.kernels import resources  # noqa: E402
+from tp_kernels.kernels import gemm_collective_resources, resources  # noqa: E402
 
 COLUMNS = ["kernel", "config", "arch", "registers", "spills", "shared_bytes"]
 
@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
     rows = [dataclasses.asdict(r) for r in resources.collect(args.jobs)]
+    # the fused GEMM + collective kernels list their cases in their own module
+    rows += [dataclasses.asdict(r) for r in gemm_collective_resources.collect(args.jobs)]
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, "kernel_resources.csv")
     with open(path, "w", newline="") as f:

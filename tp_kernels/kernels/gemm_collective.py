@@ -20,8 +20,8 @@ import triton
 
 from tp_kernels.comm import ipc_plan
 from tp_kernels.comm.symmetric import SymmetricBuffer
-from tp_kernels.kernels import configs
 from tp_kernels.kernels.configs import TileConfig
+from tp_kernels.kernels.gemm_collective_configs import fused_config
 from tp_kernels.kernels.gemm_collective_gather import _allgather_gemm_kernel
 from tp_kernels.kernels.gemm_collective_reduce import (MODE_NAMES, ONE_SHOT, REDUCE_SCATTER, TWO_SHOT,
                                                        _gemm_reduce_kernel)
@@ -75,7 +75,7 @@ def plan_gemm_reduce(op: str, m: int, n: int, world_size: int, dtype: torch.dtyp
     else:
         raise ValueError(f"op must be 'reduce_scatter' or 'all_reduce', got {op!r}")
     rows = m if mode == ONE_SHOT else -(-m // world_size)  # rows per owner block (ceil for the all-reduce)
-    config = configs.matmul_config(device, dtype, rows)
+    config = fused_config(device, dtype, rows)
     tiles_n = triton.cdiv(n, config.block_n)
     if mode == ONE_SHOT:
         grid = triton.cdiv(m, config.block_m) * tiles_n
@@ -95,7 +95,7 @@ def plan_gemm_reduce(op: str, m: int, n: int, world_size: int, dtype: torch.dtyp
 def plan_allgather_gemm(rows_per_rank: int, n: int, k: int, world_size: int, dtype: torch.dtype,
                         device: torch.device) -> FusedPlan:
     """The plan of allgather_gemm: rows_per_rank (R) rows of K per rank, N output columns on this rank."""
-    config = configs.matmul_config(device, dtype, rows_per_rank)
+    config = fused_config(device, dtype, rows_per_rank)
     tiles_m = triton.cdiv(rows_per_rank, config.block_m)
     n_publish = tiles_m
     grid = n_publish + world_size * tiles_m * triton.cdiv(n, config.block_n)

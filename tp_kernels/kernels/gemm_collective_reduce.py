@@ -82,7 +82,6 @@ def _gemm_reduce_kernel(
     if MODE == 2:  # ONE_SHOT: tiles over the whole output, in grouped order
         tile_m, tile_n = grouped_tile_ids(pid, (M + BLOCK_M - 1) // BLOCK_M, tiles_n, GROUP_M)
         rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output rows
-        rows_valid = rows < M
     else:  # tiles grouped per owner block; pid % world_size is the owner
         owner = pid % world_size
         local_tile = pid // world_size
@@ -90,12 +89,16 @@ def _gemm_reduce_kernel(
         tile_m, tile_n = grouped_tile_ids(local_tile, (rows_per_owner + BLOCK_M - 1) // BLOCK_M, tiles_n, GROUP_M)
         owner_rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows within the owner's block
         rows = owner * rows_per_owner + owner_rows  # output rows
-        rows_valid = (owner_rows < rows_per_owner) & (rows < M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_valid = cols < N
-    mask = rows_valid[:, None] & cols_valid[None, :]
-    acc = accumulate_tile(x_ptr, w_ptr, rows, cols, cols_valid, M, K, stride_xm, stride_xk, stride_wn, stride_wk,
+    acc = accumulate_tile(x_ptr, w_ptr, rows, cols, cols < N, M, K, stride_xm, stride_xk, stride_wn, stride_wk,
                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_OPERANDS, DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+    # the masks after the K loop, so that its predicates need not stay live across it (ptxas spilled one)
+    cols_valid = cols < N
+    if MODE == 2:
+        rows_valid = rows < M
+    else:
+        rows_valid = (owner_rows < rows_per_owner) & (rows < M)
+    mask = rows_valid[:, None] & cols_valid[None, :]
     tile_offsets = rows[:, None].to(tl.int64) * N + cols[None, :]  # into an (M, N) row-major region
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
 
