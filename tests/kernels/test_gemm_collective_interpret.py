@@ -14,7 +14,6 @@ Outputs are poisoned: the ranks run under torch's deterministic mode, whose fill
 fills the launchers' new_empty outputs with NaN, so an unwritten element fails assert_close. Shapes are
 tiny because the interpreter costs tens of milliseconds per program and 4 ranks share 2 cores.
 """
-import contextlib
 import time
 
 import pytest
@@ -26,6 +25,7 @@ if not triton.knobs.runtime.interpret:
                 "(tests/gpu/test_gemm_collective_gpu.py checks them compiled)", allow_module_level=True)
 
 from conftest import assert_close, spawn_ranks  # noqa: E402
+from gemm_collective_cases import call, check, make_case, poisoned_empty  # noqa: E402
 from tp_kernels import reference  # noqa: E402
 from tp_kernels.comm.symmetric import SymmetricBuffer, SymmetricBufferError  # noqa: E402
 from tp_kernels.kernels import gemm_collective  # noqa: E402
@@ -34,69 +34,13 @@ TIMEOUT_S = 120.0  # the parity tests: generous, 4 interpreted ranks on 2 loaded
 SHORT_TIMEOUT_S = 1.0  # the fault tests
 
 
-@contextlib.contextmanager
-def _poisoned_empty():
-    """new_empty / torch.empty return NaN-filled memory inside this block (module docstring)."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def _call(buf, op, x, w, bias):
-    if op == "reduce_scatter":
-        return gemm_collective.gemm_reduce_scatter(x, w, bias, buf)
-    if op in ("one_shot", "two_shot"):
-        return gemm_collective.gemm_all_reduce(x, w, bias, buf, op)
-    return gemm_collective.allgather_gemm(x, w, bias, buf)
-
-
-def _make_case(op, rows, n, k, dtype, with_bias, world_size):
-    """(op, dtype, xs, ws, biases): every rank's inputs. rows: M for the reductions, rows per rank for the
-    gather. The reductions' bias is the same on every rank (added once); the gather's is each rank's."""
-    xs = [torch.randn(rows, k).to(dtype) for _ in range(world_size)]
-    ws = [torch.randn(n, k).to(dtype) for _ in range(world_size)]
-    if op == "allgather":
-        biases = [torch.randn(n).to(dtype) if with_bias else None for _ in range(world_size)]
-    else:
-        bias = torch.randn(n).to(dtype) if with_bias else None
-        biases = [bias] * world_size
-    return op, dtype, xs, ws, biases
-
-
 def _run_cases_rank(tp, cases, timeout_s):
     buf = SymmetricBuffer.create(tp, timeout_s=timeout_s, register=False)
     try:
-        with _poisoned_empty():
-            return [_call(buf, op, xs[tp.rank], ws[tp.rank], biases[tp.rank]) for op, _, xs, ws, biases in cases]
+        with poisoned_empty():
+            return [call(buf, op, xs[tp.rank], ws[tp.rank], biases[tp.rank]) for op, _, xs, ws, biases in cases]
     finally:
         buf.close()
-
-
-def _expected(op, rank, xs, ws, biases):
-    """(float64 reference of rank's output, reduction length)."""
-    bias = None if biases[rank] is None else biases[rank].double()
-    if op == "allgather":
-        return reference.allgather_gemm([x.double() for x in xs], ws[rank].double(), bias), xs[0].shape[1]
-    xs64, ws64 = [x.double() for x in xs], [w.double() for w in ws]
-    k_total = sum(x.shape[1] for x in xs)
-    if op == "reduce_scatter":
-        return reference.gemm_reduce_scatter(xs64, ws64, bias)[rank], k_total
-    return reference.gemm_allreduce(xs64, ws64, bias), k_total
-
-
-def _check(cases, per_rank, label=""):
-    for rank, outs in enumerate(per_rank):
-        for i, ((op, dtype, xs, ws, biases), y) in enumerate(zip(cases, outs)):
-            expected, reduction_len = _expected(op, rank, xs, ws, biases)
-            assert y.dtype == dtype
-            assert_close(y, expected, dtype, reduction_len,
-                         msg=f"{label}call {i} {op} rank {rank}/{len(per_rank)} bias={biases[rank] is not None}")
-    for i, (op, *_) in enumerate(cases):
-        if op in ("one_shot", "two_shot"):  # the all-reduce: every rank holds the same bits
-            assert all(torch.equal(per_rank[0][i], outs[i]) for outs in per_rank[1:]), f"call {i} {op} differs"
 
 
 # (op, rows, N, K, dtype, bias). rows: M (a multiple of p for reduce_scatter, which gets 1, 3 or 5 rows per
@@ -116,13 +60,13 @@ def _parity_cases(world_size):
              ("allgather", 1, 9, 11, torch.float32, True),
              ("allgather", 3, 67, 7, torch.float16, False),
              ("allgather", 2, 9, 13, torch.bfloat16, True)]
-    return [_make_case(op, rows, n, k, dtype, bias, p) for op, rows, n, k, dtype, bias in specs]
+    return [make_case(op, rows, n, k, dtype, bias, p) for op, rows, n, k, dtype, bias in specs]
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_fused_ops_match_reference(world_size):
     cases = _parity_cases(world_size)
-    _check(cases, spawn_ranks(world_size, _run_cases_rank, cases, TIMEOUT_S))
+    check(cases, spawn_ranks(world_size, _run_cases_rank, cases, TIMEOUT_S))
 
 
 def test_back_to_back_calls_with_changing_shapes():
@@ -135,8 +79,8 @@ def test_back_to_back_calls_with_changing_shapes():
     for i in range(200):
         op = ops[i % 4]
         rows = 2 * (1 + i % 3) if op == "reduce_scatter" else 1 + i % 5
-        cases.append(_make_case(op, rows, 3 + i % 13, 2 + i % 7, dtypes[i % 3], i % 2 == 0, 2))
-    _check(cases, spawn_ranks(2, _run_cases_rank, cases, TIMEOUT_S), label="back-to-back ")
+        cases.append(make_case(op, rows, 3 + i % 13, 2 + i % 7, dtypes[i % 3], i % 2 == 0, 2))
+    check(cases, spawn_ranks(2, _run_cases_rank, cases, TIMEOUT_S), label="back-to-back ")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,10 +97,10 @@ def _fault_rank(tp, op, absent, mismatched, timeout_s):
         x, w = torch.randn(2 * tp.world_size, 5), torch.randn(n, 5)
         start = time.monotonic()
         with pytest.raises(SymmetricBufferError) as first:
-            _call(buf, op, x, w, None)
+            call(buf, op, x, w, None)
         waited = time.monotonic() - start
         with pytest.raises(SymmetricBufferError) as again:
-            _call(buf, op, x, w, None)
+            call(buf, op, x, w, None)
         return str(first.value), waited, str(again.value)
     finally:
         buf.close()  # a barrier: the absent rank waits here for the others to give up
@@ -204,8 +148,8 @@ def test_world_size_one_is_the_linear_layer(single_buffer, op):
     x, w, bias = torch.randn(3, 10, dtype=torch.float16), torch.randn(5, 10, dtype=torch.float16), None
     if op != "two_shot":
         bias = torch.randn(5, dtype=torch.float16)
-    with _poisoned_empty():
-        y = _call(single_buffer, op, x, w, bias)
+    with poisoned_empty():
+        y = call(single_buffer, op, x, w, bias)
     expected = reference.linear(x.double(), w.double(), None if bias is None else bias.double())
     assert_close(y, expected, torch.float16, 10)
 
