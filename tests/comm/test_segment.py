@@ -136,3 +136,18 @@ def test_symmetric_buffer_layout_and_registry():
         assert per_rank % 256 == 0 and data_offset == 256  # 2 x 10 signal words round up to 256 bytes
         assert per_rank == 256 + 2 * 1024  # two halves of 1000 data bytes, each rounded up to 1024
         assert registered and gone and epoch == 1
+
+
+def _mismatched_layout_rank(tp):
+    from tp_kernels.comm.symmetric import SymmetricBufferError
+
+    try:
+        SymmetricBuffer.create(tp, data_bytes=1000 + tp.rank, n_signals=10, timeout_s=5, register=False)
+    except SymmetricBufferError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_asking_for_different_layouts_raise_on_every_rank():
+    for message in spawn_ranks(2, _mismatched_layout_rank):
+        assert message is not None and "rank 1: ('cpu', 1001, 10)" in message, message

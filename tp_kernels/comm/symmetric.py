@@ -128,6 +128,7 @@ class SymmetricBuffer:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         per_rank = buffer_bytes(data_bytes, n_signals)
+        _check_agreement(tp, (kind, data_bytes, n_signals))
         if kind == "cpu":
             pointers, keepalive = _map_cpu(tp, per_rank)
         else:
@@ -239,6 +240,20 @@ def buffer_of(tp_name: str) -> Optional[SymmetricBuffer]:
     """The registered symmetric buffer of the group with this name, or None."""
     buf = _BUFFERS.get(tp_name)
     return None if buf is None or buf.closed else buf
+
+
+def _check_agreement(tp, layout: tuple) -> None:
+    """Every rank must ask for the same layout (device kind, data bytes, signals): a kernel computes a
+    peer's addresses from its own. Raises on every rank, naming the ranks that differ."""
+    if tp.world_size == 1:
+        return
+    layouts: List[Optional[tuple]] = [None] * tp.world_size
+    dist.all_gather_object(layouts, layout, group=tp.process_group)
+    differ = [r for r, other in enumerate(layouts) if other != layouts[0]]
+    if differ:
+        raise SymmetricBufferError(f"symmetric buffers of group {tp.name!r}: ranks asked for different layouts "
+                                   f"(device kind, data_bytes, n_signals): " +
+                                   ", ".join(f"rank {r}: {layouts[r]}" for r in [0, *differ]))
 
 
 def _barrier(tp) -> None:
