@@ -189,3 +189,44 @@ def test_plans_pick_the_algorithm_and_size_the_buffer():
     assert a.signature != gemm_collective.plan_gemm_reduce("reduce_scatter", 8, 10, 4, torch.float32, cpu,
                                                              True).signature
     assert ag.signature == gemm_collective.plan_allgather_gemm(3, 71, 11, 2, torch.float16, cpu).signature
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the ops' choice (tp_kernels/ops/gemm_collective_path.py), device-agnostic, run here on CPU ranks
+# ----------------------------------------------------------------------------------------------------------
+def _path_rank(tp, cases):
+    from tp_kernels import calibration, perfmodel
+    from tp_kernels.ops import gemm_collective_path as path
+
+    calibration.set_hardware(tp, perfmodel.HARDWARE["H100"])  # no CPU calibration: plan as on an H100
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    reasons = {"none": path.fused_reason(tp, x, w, None, None, "all_reduce")}
+    buf = SymmetricBuffer.create(tp, timeout_s=TIMEOUT_S)  # registered: the group's buffers now
+    try:
+        reasons["chunks"] = path.fused_reason(tp, x, w, None, 2, "all_reduce")
+        reasons["dtype"] = path.fused_reason(tp, x.double(), w.double(), None, None, "all_reduce")
+        reasons["capacity"] = path.fused_reason(tp, torch.randn(4096, 8), torch.randn(4096, 8), None, None,
+                                                "all_reduce")
+        collectives = {"allgather": "all_gather", "reduce_scatter": "reduce_scatter", "two_shot": "all_reduce"}
+        with poisoned_empty():
+            outs = [path.fused_call(tp, xs[tp.rank], ws[tp.rank], biases[tp.rank], None, collectives[op])
+                    for op, _, xs, ws, biases in cases]
+        return reasons, outs
+    finally:
+        buf.close()
+        calibration.set_hardware(tp, None)
+
+
+def test_ops_take_the_fused_kernel_when_the_group_has_buffers():
+    """2 ranks: the all-reduce of a small output is one-shot (the check compares with the reference
+    either way), the reduce-scatter and the gather their own kernels; each result equals the op's."""
+    cases = [make_case("two_shot", 6, 12, 9, torch.float16, True, 2),
+             make_case("reduce_scatter", 4, 12, 9, torch.float32, True, 2),
+             make_case("allgather", 3, 12, 9, torch.bfloat16, False, 2)]
+    per_rank = spawn_ranks(2, _path_rank, cases)
+    check(cases, [outs for _, outs in per_rank])
+    reasons = per_rank[0][0]
+    assert reasons["none"] == "the group has no symmetric buffers"
+    assert reasons["chunks"] == "chunks=2 was asked for"
+    assert "dtype torch.float64" in reasons["dtype"]
+    assert "needs" in reasons["capacity"] and "symmetric buffer" in reasons["capacity"]
