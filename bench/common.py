@@ -2,7 +2,7 @@
 
 Every benchmark script builds `Row`s and calls `write_rows(name, rows)`; rows from different machines can
 be compared because each carries the device, versions, commit and the full config. A row is `measured`
-(timed here) or `modeled` (from tp_kernels.perfmodel, with its hardware constants named in `notes`).
+(timed here) or `modeled` (from tp_kernels.perf.cost_model, with its hardware constants named in `notes`).
 """
 from __future__ import annotations
 

@@ -9,14 +9,15 @@ decode step spent in communication.
 How: each TP degree runs in fresh processes (tp_kernels.models.launch.run_on_cpu_ranks: one gloo group),
 one thread per rank. Every rank builds the same seeded random-weight model, then for each
 round and each backend, in turn (interleaved, so a load change on the machine hits both alike): the
-group's all-reduce chain is set to that backend alone (identity -> backend; a tensor it cannot reduce
-raises instead of silently going to another one), a prompt is prefilled and `--steps` decode steps of one
-token per sequence (greedy) are timed one by one. A backend that is not in the group's chain (e.g. "shm"
-before the shared-memory communicator is built in) gives a row marked missing, with the reason.
+group is forced to that backend with `tp.use_backend(backend)` (every collective, from Python or from the
+ops' C++ CPU kernels; a tensor it cannot serve raises instead of silently going to another one), a prompt
+is prefilled and `--steps` decode steps of one token per sequence (greedy) are timed one by one. A
+backend that is not in the group's chain (e.g. "shm" without the compiled extension) gives a row marked
+missing, with the reason.
 
-Communication time is measured inside the step: every communicator of the chain, and the group's
-all_gather (the vocab-parallel logits), is wrapped by a timer. It includes a rank's wait for its peer,
-and, where a backend fuses the residual add + RMSNorm into the reduction (shm), that epilogue.
+Communication time is measured inside the step: the collective ops the decoder calls (tp_kernels.ops
+all_reduce, all_gather for the vocab-parallel logits, allreduce_residual_rmsnorm) are wrapped by a timer.
+It includes the op dispatch, a rank's wait for its peer and the fused residual add + RMSNorm.
 
 Rows (rank 0's times; ranks are in lock step through the collectives):
   "tp{N} {backend}"       per-token latency: median and p20/p80 over the decode steps; notes: tokens/s
@@ -30,6 +31,8 @@ decode_e2e.md (the README table).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import math
 import os
 import sys
@@ -65,47 +68,38 @@ class CommTimer:
         self.seconds = 0.0
         self.calls = 0
 
-    def call(self, fn, *args):
+    def call(self, fn, *args, **kwargs):
         t0 = time.perf_counter()
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - t0
             self.calls += 1
 
 
-def timed_communicator(inner, timer: CommTimer):
-    """A Communicator that forwards to inner and times its collectives."""
-    from tp_kernels.distributed import Communicator
-
-    class TimedCommunicator(Communicator):
-        name = inner.name
-
-        def applies(self, x):
-            return inner.applies(x)
-
-        def all_reduce(self, x):
-            return timer.call(inner.all_reduce, x)
-
-        def allreduce_residual_rmsnorm(self, x, residual, weight, eps):
-            # only called by the ops when the chain's communicators have it (the fused shm path)
-            return timer.call(inner.allreduce_residual_rmsnorm, x, residual, weight, eps)
-
-        def close(self):
-            inner.close()
-
-    return TimedCommunicator()
+TIMED_OPS = ("all_reduce", "all_gather", "allreduce_residual_rmsnorm")
 
 
-def chain_for(communicators: list, backend: str, world_size: int):
-    """The chain that forces backend: identity (a no-op above one rank), then backend alone. Returns
-    (chain, None), or (None, reason) when the group has no such backend."""
-    names = [c.name for c in communicators]
-    if world_size == 1:
-        return [c for c in communicators if c.name == "identity"], None
-    if backend not in names:
-        return None, f"backend {backend!r} is not in this group's all-reduce chain {names}"
-    return [c for c in communicators if c.name in ("identity", backend)], None
+@contextlib.contextmanager
+def timed_collective_ops(timer: CommTimer):
+    """Inside the block, the collective ops of tp_kernels.ops (what the decoder and its layers call) are
+    timed by timer."""
+    from tp_kernels import ops
+
+    originals = {name: getattr(ops, name) for name in TIMED_OPS}
+    for name, fn in originals.items():
+        setattr(ops, name, functools.partial(timer.call, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(ops, name, fn)
+
+
+def missing_backend(tp, backend: str) -> Optional[str]:
+    """Why backend cannot be forced on tp (it is not in the group's chain), or None."""
+    names = [c.name for c in tp.communicators]
+    return None if backend in names else f"backend {backend!r} is not in this group's chain {names}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,29 +143,19 @@ def rank_decode(tp, model_kw: dict, dtype_name: str, backends: List[str], rounds
     model = GPT.from_preset(ModelArgs(**model_kw), tp, dtype=DTYPES[dtype_name], seed=WEIGHT_SEED)
     prompt = torch.randint(0, model_kw["vocab_size"], (batch, prompt_len),
                            generator=torch.Generator().manual_seed(WEIGHT_SEED))
-    original = list(tp.communicators)
-    original_all_gather = tp.all_gather
     timer = CommTimer()
-    tp.all_gather = lambda x, dim: timer.call(original_all_gather, x, dim)  # the logits gather
-    results: Dict[str, BackendResult] = {}
-    chains = {}
-    for backend in backends:
-        chain, reason = chain_for(original, backend, tp.world_size)
-        results[backend] = BackendResult(missing=reason)
-        if chain is not None:
-            chains[backend] = [timed_communicator(c, timer) for c in chain]
-    try:
-        with torch.no_grad():
-            for backend, chain in chains.items():  # warm-up: the first op call imports torch._dynamo
-                tp.communicators = chain
+    # one rank: nothing to communicate, every backend is the identity
+    forced = {backend: backend if tp.world_size > 1 else "identity" for backend in backends}
+    results = {backend: BackendResult(missing=missing_backend(tp, forced[backend])) for backend in backends}
+    runnable = [backend for backend in backends if results[backend].missing is None]
+    with torch.no_grad(), timed_collective_ops(timer):
+        for backend in runnable:  # warm-up: the first op call imports torch._dynamo
+            with tp.use_backend(forced[backend]):
                 _decode_round(model, timer, prompt, 2, None)
-            for _ in range(rounds):
-                for backend, chain in chains.items():
-                    tp.communicators = chain
+        for _ in range(rounds):
+            for backend in runnable:
+                with tp.use_backend(forced[backend]):
                     _decode_round(model, timer, prompt, steps, results[backend])
-    finally:
-        tp.communicators = original
-        del tp.all_gather  # back to the class's method
     return {"results": results, "weight_bytes_per_rank": model.weight_bytes_per_rank(),
             "threads": torch.get_num_threads()}
 

@@ -5,7 +5,7 @@ gpt-fast figures measured on 8 A100s (so the A100 rows compare like for like).
     python bench/decode_model.py                       # both models, TP 1/2/4/8, H100 + A100
     python bench/decode_model.py --context-len 1024
 
-Model (tp_kernels.perfmodel_decode): step = (weights + KV cache per GPU) / HBM bandwidth + 2 all-reduces
+Model (tp_kernels.perf.decode_model): step = (weights + KV cache per GPU) / HBM bandwidth + 2 all-reduces
 per layer; batch 1, bf16. Every row is kind="modeled"; its notes name the hardware constants' sources.
 Published figures: gpt-fast README (pytorch-labs/gpt-fast), bf16, torch.compile, 8x A100-80GB "power
 limited to 330W", tokens/s of one sequence.
@@ -21,8 +21,8 @@ from typing import List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import RESULTS_DIR, Row, environment, plot_lines, write_rows  # noqa: E402
-from tp_kernels import perfmodel_decode as pd  # noqa: E402
-from tp_kernels.perfmodel import HARDWARE  # noqa: E402
+from tp_kernels.perf import decode_model as pd  # noqa: E402
+from tp_kernels.perf.cost_model import HARDWARE  # noqa: E402
 
 BENCH = "decode_model"
 MODELS = {"llama-2-7b": pd.LLAMA2_7B, "llama-2-70b": pd.LLAMA2_70B}
@@ -55,7 +55,7 @@ def model_rows(context_len: int) -> List[Row]:
                     notes = [f"{hw.name}: {hw.hbm_gbps:.0f} GB/s HBM, {hw.link_gbps:.0f} GB/s NVLink/dir "
                              f"({hw.source})"]
                     notes.append(NCCL_SOURCE if allreduce == "nccl" else
-                                 f"one-shot latency {hw.link_latency_us} us (perfmodel.HARDWARE)"
+                                 f"one-shot latency {hw.link_latency_us} us (cost_model.HARDWARE)"
                                  if allreduce == "custom" else "no communication at TP 1")
                     notes.append(f"tokens/s {step.tokens_per_s:.1f}; comm {100 * step.comm_fraction:.1f}% of the step")
                     if published is not None:

@@ -59,7 +59,8 @@ def _rank(rank: int, init_file: str, ms, repeats: int, queue) -> None:
     torch.set_num_threads(1)  # one core per rank
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
                             timeout=datetime.timedelta(seconds=120))
-    from tp_kernels import calibration, ops, perfmodel
+    from tp_kernels import ops
+    from tp_kernels.perf import calibration, cost_model
     from tp_kernels.distributed import TPGroup
 
     tp = TPGroup.from_group()
@@ -82,7 +83,7 @@ def _rank(rank: int, init_file: str, ms, repeats: int, queue) -> None:
                                     **common))
         for chunks in CHUNKS:
             t = timings[chunks]
-            k = chunks or perfmodel.best_chunks(m, N, K_PER_RANK, WORLD_SIZE, torch.float32, hw)
+            k = chunks or cost_model.best_chunks(m, N, K_PER_RANK, WORLD_SIZE, torch.float32, hw)
             hidden = t_gemm.median_s + t_comm.median_s - t.median_s
             label = ("sequential chunks=1" if chunks == 1 else
                      f"overlapped chunks={chunks}" if chunks else f"cost model chunks=None->{k}")

@@ -1,5 +1,5 @@
 """Modeled (not measured) H100 times of the overlapped row-parallel GEMM + all-reduce, from
-tp_kernels.perfmodel: sequential (k = 1) vs the best chunk count vs the fused kernel (perfmodel.fused_time_s)
+tp_kernels.perf.cost_model: sequential (k = 1) vs the best chunk count vs the fused kernel (cost_model.fused_time_s)
 vs the bound max(T_gemm, T_comm), for
 Llama-70B-like shapes (hidden 8192, intermediate 28672, TP = 8, bf16) over M = 1 .. 8192; next to the
 published anchor, Flux (Chang et al. 2024, arXiv:2406.06858): GEMM + reduce-scatter at M=4096, K=49152,
@@ -17,8 +17,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import RESULTS_DIR, Row, markdown_table, plot_lines, write_rows  # noqa: E402
-from tp_kernels import perfmodel  # noqa: E402
-from tp_kernels.perfmodel import HARDWARE  # noqa: E402
+from tp_kernels.comm import ipc_plan  # noqa: E402
+from tp_kernels.perf import cost_model  # noqa: E402
+from tp_kernels.perf.cost_model import HARDWARE  # noqa: E402
 
 BENCH = "gemm_overlap_model"
 WORLD_SIZE = 8
@@ -39,12 +40,13 @@ def _row(case, m, n, k, world_size, hw, seconds, config, collective, baseline=No
 
 
 def model_case(case, m, n, k, world_size, hw, collective):
-    seq = perfmodel.pipeline_time_s(m, n, k, world_size, DTYPE, hw, 1, collective)
-    chunks = perfmodel.best_chunks(m, n, k, world_size, DTYPE, hw, collective)
-    best = perfmodel.pipeline_time_s(m, n, k, world_size, DTYPE, hw, chunks, collective)
-    bound = perfmodel.overlap_bound_s(m, n, k, world_size, DTYPE, hw, collective)
-    fused = perfmodel.fused_time_s(m, n, k, world_size, DTYPE, hw, collective)
-    form = perfmodel.best_form(m, n, k, world_size, DTYPE, hw, collective)[0]
+    seq = cost_model.pipeline_time_s(m, n, k, world_size, DTYPE, hw, 1, collective)
+    chunks = cost_model.best_chunks(m, n, k, world_size, DTYPE, hw, collective)
+    best = cost_model.pipeline_time_s(m, n, k, world_size, DTYPE, hw, chunks, collective)
+    bound = cost_model.overlap_bound_s(m, n, k, world_size, DTYPE, hw, collective)
+    algo = ipc_plan.choose_algorithm(m * n * cost_model.dtype_bytes(DTYPE), world_size, hw)  # the launcher's rule
+    fused = cost_model.fused_time_s(m, n, k, world_size, DTYPE, hw, collective, algo)
+    form = cost_model.best_form(m, n, k, world_size, DTYPE, hw, collective, algo)[0]
     return [_row(case, m, n, k, world_size, hw, seq, "sequential k=1", collective),
             _row(case, m, n, k, world_size, hw, best, f"overlapped best k={chunks}", collective,
                  baseline="sequential k=1", ratio=seq / best),
@@ -102,8 +104,8 @@ def main() -> None:
     anchor_rows = [r for r in rows if r.case == "flux_anchor_gemm_rs"]
     print(markdown_table(anchor_rows, ["config", "kind", "median_us", "ratio"]))
     seq, best, fused = anchor[0].median_us, anchor[1].median_us, anchor[3].median_us
-    g = perfmodel.gemm_time_s(FLUX["m"], FLUX["n"], flux_k, DTYPE, h800) * 1e6
-    c = perfmodel.collective_time_s(FLUX["m"] * FLUX["n"] * 2, 8, h800, "reduce_scatter") * 1e6
+    g = cost_model.gemm_time_s(FLUX["m"], FLUX["n"], flux_k, DTYPE, h800) * 1e6
+    c = cost_model.collective_time_s(FLUX["m"] * FLUX["n"] * 2, 8, h800, "reduce_scatter") * 1e6
     print(f"\nFlux anchor: modeled T_gemm={g:.0f} us, T_comm={c:.0f} us, ceiling 1 + min/max = "
           f"{1 + min(g, c) / max(g, c):.2f}x; modeled speedup {seq / best:.2f}x chunked, {seq / fused:.2f}x fused; "
           f"published {published_ratio:.2f}x")

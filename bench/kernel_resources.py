@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of every Triton kernel config, compiled ahead of time for sm_80
 and sm_90 (no GPU needed). Prints a Markdown table and writes bench/results/kernel_resources.csv with
-columns kernel, config, arch, registers, spills, shared_bytes.
+columns kernel, config, arch, registers, spills, shared_bytes and the global stores of the PTX by width
+(vector_stores, scalar_stores).
 
     python bench/kernel_resources.py [--jobs 2]
 """
@@ -14,9 +15,9 @@ os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels, not the interpreter's 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import RESULTS_DIR  # noqa: E402
-from tp_kernels.kernels import gemm_collective_resources, resources  # noqa: E402
+from tp_kernels.kernels import resources  # noqa: E402
 
-COLUMNS = ["kernel", "config", "arch", "registers", "spills", "shared_bytes"]
+COLUMNS = ["kernel", "config", "arch", "registers", "spills", "shared_bytes", "vector_stores", "scalar_stores"]
 
 
 def main() -> None:
@@ -24,8 +25,6 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
     rows = [dataclasses.asdict(r) for r in resources.collect(args.jobs)]
-    # the fused GEMM + collective kernels list their cases in their own module
-    rows += [dataclasses.asdict(r) for r in gemm_collective_resources.collect(args.jobs)]
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, "kernel_resources.csv")
     with open(path, "w", newline="") as f:

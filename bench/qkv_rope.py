@@ -2,17 +2,24 @@
 PyTorch sequence (F.linear with bias, split, RoPE, contiguous heads), per TP rank.
 
 On a GPU both are measured with do_bench (bench.common.measure_cuda). Without one, the H100 time of
-both is *modeled* from bytes and FLOPs with tp_kernels.perfmodel.roofline_time_s (HARDWARE["H100"],
-datasheet constants): each kernel of a sequence costs max(FLOPs / peak, bytes / HBM bandwidth), and
-the sequence's time is their sum. The model leaves out kernel-launch gaps (the unfused sequence has
-four or more kernels, the fused one a single one) and any imperfect overlap, so it understates the
-fused kernel's advantage at decode sizes; rows say kind="modeled".
+both is *modeled* (rows say kind="modeled"; HARDWARE["H100"], datasheet constants):
+- unfused: each kernel of the sequence costs its roofline, max(FLOPs / peak, bytes / HBM bandwidth)
+  (tp_kernels.perf.cost_model.roofline_time_s), as if cuBLAS streamed at the HBM peak; their sum.
+- fused: the same roofline, but with the memory term latency-bound by Little's law
+  (cost_model.latency_bound_time_s): the launch's programs and the weight bytes each keeps in flight
+  ((num_stages - 1) pipelined BLOCK_N x BLOCK_K tiles) come from the kernel's own config table and
+  split-K policy (tp_kernels.kernels.configs, sm_90), so a launch with too few programs or too little in
+  flight is modeled slower than the floor, not at it.
+- fused-before: the same model for the configs the kernel had before split-K, for contrast: at decode
+  the 16 x 32 x 64 tiles (four stages), beyond it today's tiles with K unsplit.
+Kernel-launch gaps are left out (the unfused sequence has four or more kernels, the fused one one).
 
     python bench/qkv_rope.py     # rows in bench/results/qkv_rope.{csv,json}, Markdown table on stdout
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -22,8 +29,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import Row, environment, markdown_table, measure_cuda, write_rows  # noqa: E402
-from tp_kernels import perfmodel, reference  # noqa: E402
-from tp_kernels.perfmodel import HARDWARE  # noqa: E402
+from tp_kernels import reference  # noqa: E402
+from tp_kernels.perf import cost_model  # noqa: E402
+from tp_kernels.kernels import configs  # noqa: E402
+from tp_kernels.perf.cost_model import HARDWARE  # noqa: E402
 
 BENCH = "qkv_rope"
 DTYPE = torch.bfloat16
@@ -41,9 +50,40 @@ def per_rank_heads(n_heads: int, n_kv_heads: int, tp: int):
     return n_heads // tp, max(1, n_kv_heads // tp)
 
 
-def modeled_times(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_dim, with_bias, hw):
-    """(fused seconds, unfused seconds, fused bytes, flops) of one rank's call in bf16."""
-    e = perfmodel.dtype_bytes(DTYPE)
+ARCH = "sm_90"  # the H100's config table
+# the 16-bit decode tile before split-K (commit 47b0cd0's table): 16 x 32 x 64, 4 warps, 4 stages
+DECODE_TILE_BEFORE = configs.TileConfig(16, 32, 64, num_warps=4, num_stages=4)
+
+
+def before_split_k(n_tokens):
+    """The config the kernel had for n_tokens before split-K: DECODE_TILE_BEFORE at decode, else today's
+    tile with split-K off."""
+    config = configs.QKV_CONFIGS[(ARCH, configs.dtype_class(DTYPE), configs.m_bucket(n_tokens))]
+    return DECODE_TILE_BEFORE if configs.m_bucket(n_tokens) == configs.M_BUCKETS[0] else \
+        dataclasses.replace(config, split_k=False)
+
+
+def fused_launch(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_dim, config):
+    """(programs, weight bytes in flight per program, programs per SM, split-K partial bytes) of the
+    fused kernel's launch with `config` on ARCH, as tp_kernels.kernels.qkv._launch computes the grid (head
+    tiles x token tiles, times the split of K)."""
+    e = cost_model.dtype_bytes(DTYPE)
+    head_slots = max(16, 1 << (head_dim - 1).bit_length())
+    block_n = min(config.block_n, head_slots)
+    n_tiles = -(-n_tokens // config.block_m) * (n_heads_per_rank + 2 * n_kv_heads_per_rank) * (head_slots // block_n)
+    split = configs.split_k_for(n_tiles, hidden, config.block_k, configs.SM_COUNT[ARCH]) if config.split_k else 1
+    in_flight = (config.num_stages - 1) * block_n * config.block_k * e  # the pipelined weight tiles
+    shared = (config.num_stages - 1) * (config.block_m + block_n) * config.block_k * e
+    # split-K writes each part's fp32 partial tile and the last part reads them all back
+    partial_bytes = 2 * split * n_tiles * config.block_m * block_n * 4 if split > 1 else 0
+    return n_tiles * split, in_flight, max(1, configs.SHARED_MEMORY_LIMIT[ARCH] // shared), partial_bytes
+
+
+def modeled_times(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_dim, with_bias, hw,
+                  config=None):
+    """(fused seconds, unfused seconds, fused bytes, flops, programs) of one rank's call in bf16; the fused
+    kernel launched with `config` (default: its table's for n_tokens)."""
+    e = cost_model.dtype_bytes(DTYPE)
     qkv_cols = (n_heads_per_rank + 2 * n_kv_heads_per_rank) * head_dim
     qk_cols = (n_heads_per_rank + n_kv_heads_per_rank) * head_dim
     v_cols = n_kv_heads_per_rank * head_dim
@@ -53,13 +93,18 @@ def modeled_times(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_
     x_bytes, out_bytes = n_tokens * hidden * e, n_tokens * qkv_cols * e
     # fused: read x, w, bias and cos/sin once, write q, k, v once
     fused_bytes = x_bytes + weight_bytes + cos_sin_bytes + out_bytes
-    fused = perfmodel.roofline_time_s(gemm_flops, fused_bytes, hw, DTYPE)
+    if config is None:
+        config = configs.QKV_CONFIGS[(ARCH, configs.dtype_class(DTYPE), configs.m_bucket(n_tokens))]
+    programs, in_flight, per_sm, partial_bytes = fused_launch(n_tokens, hidden, n_heads_per_rank,
+                                                              n_kv_heads_per_rank, head_dim, config)
+    fused = cost_model.latency_bound_time_s(gemm_flops, fused_bytes + partial_bytes, programs, in_flight, hw, DTYPE,
+                                           per_sm)
     # unfused: GEMM with bias epilogue writes qkv; RoPE reads q, k and cos/sin and writes them rotated;
     # v is copied out of the interleaved qkv rows into its own contiguous heads
-    gemm = perfmodel.roofline_time_s(gemm_flops, x_bytes + weight_bytes + out_bytes, hw, DTYPE)
-    rope = perfmodel.roofline_time_s(6.0 * n_tokens * qk_cols, 2 * n_tokens * qk_cols * e + cos_sin_bytes, hw, DTYPE)
-    v_copy = perfmodel.roofline_time_s(0.0, 2 * n_tokens * v_cols * e, hw, DTYPE)
-    return fused, gemm + rope + v_copy, fused_bytes, gemm_flops
+    gemm = cost_model.roofline_time_s(gemm_flops, x_bytes + weight_bytes + out_bytes, hw, DTYPE)
+    rope = cost_model.roofline_time_s(6.0 * n_tokens * qk_cols, 2 * n_tokens * qk_cols * e + cos_sin_bytes, hw, DTYPE)
+    v_copy = cost_model.roofline_time_s(0.0, 2 * n_tokens * v_cols * e, hw, DTYPE)
+    return fused, gemm + rope + v_copy, fused_bytes, gemm_flops, programs
 
 
 def unfused_qkv_rope(x, w_qkv, b_qkv, cos_sin, positions, n_heads_per_rank, n_kv_heads_per_rank, head_dim):
@@ -86,16 +131,29 @@ def modeled_rows():
         for tp in tp_degrees:
             nq, nkv = per_rank_heads(n_heads, n_kv_heads, tp)
             for n_tokens in N_TOKENS:
-                fused, unfused, fused_bytes, flops = modeled_times(n_tokens, hidden, nq, nkv, head_dim, with_bias, hw)
+                fused, unfused, fused_bytes, flops, programs = modeled_times(n_tokens, hidden, nq, nkv, head_dim,
+                                                                             with_bias, hw)
+                latency = cost_model.MEMORY_LATENCY[hw.name]
                 common = dict(dtype="bfloat16", shape=_shape(n_tokens, hidden, nq, nkv, head_dim),
-                              world_size=tp, kind="modeled", env=env,
-                              notes=f"roofline per kernel, launch gaps not modeled; {hw.name}: {hw.source}")
+                              world_size=tp, kind="modeled", env=env)
+                notes = (f"fused: roofline with Little's-law bandwidth ({latency.dram_latency_ns:.0f} ns assumed "
+                         f"latency, {latency.sm_count} SMs); unfused: roofline per kernel; launch gaps not "
+                         f"modeled; {hw.name}: {hw.source}")
                 config = f"model={model} tp={tp} bias={with_bias}"
                 rows.append(Row(bench=BENCH, case="unfused", config=config, median_us=unfused * 1e6,
-                                p20_us=unfused * 1e6, p80_us=unfused * 1e6, **common))
-                rows.append(Row(bench=BENCH, case="fused", config=config, median_us=fused * 1e6, p20_us=fused * 1e6,
-                                p80_us=fused * 1e6, gbps=fused_bytes / fused / 1e9, tflops=flops / fused / 1e12,
-                                baseline="unfused", ratio=unfused / fused, **common))
+                                p20_us=unfused * 1e6, p80_us=unfused * 1e6, notes=notes, **common))
+                rows.append(Row(bench=BENCH, case="fused", config=f"{config} programs={programs}",
+                                median_us=fused * 1e6, p20_us=fused * 1e6, p80_us=fused * 1e6,
+                                gbps=fused_bytes / fused / 1e9, tflops=flops / fused / 1e12, baseline="unfused",
+                                ratio=unfused / fused, notes=notes, **common))
+                tile_before = before_split_k(n_tokens)
+                before, _, _, _, programs = modeled_times(n_tokens, hidden, nq, nkv, head_dim, with_bias, hw,
+                                                          tile_before)
+                rows.append(Row(bench=BENCH, case="fused-before", config=f"{config} programs={programs}",
+                                median_us=before * 1e6, p20_us=before * 1e6, p80_us=before * 1e6,
+                                gbps=fused_bytes / before / 1e9, tflops=flops / before / 1e12,
+                                baseline="unfused", ratio=unfused / before,
+                                notes=notes + f"; config before split-K: {tile_before}", **common))
     return rows
 
 
@@ -117,8 +175,8 @@ def measured_rows():
                 fused = measure_cuda(lambda: ops.qkv_rope(*args, n_heads_per_rank=nq, n_kv_heads_per_rank=nkv,
                                                           head_dim=head_dim))
                 unfused = measure_cuda(lambda: unfused_qkv_rope(*args, nq, nkv, head_dim))
-                _, _, fused_bytes, flops = modeled_times(n_tokens, hidden, nq, nkv, head_dim, with_bias,
-                                                         HARDWARE["H100"])
+                _, _, fused_bytes, flops, _ = modeled_times(n_tokens, hidden, nq, nkv, head_dim, with_bias,
+                                                            HARDWARE["H100"])
                 common = dict(config=f"model={model} tp={tp} bias={with_bias}", dtype="bfloat16",
                               shape=_shape(n_tokens, hidden, nq, nkv, head_dim), world_size=tp)
                 rows.append(Row.from_timing(BENCH, "unfused", unfused, **common))

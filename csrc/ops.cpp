@@ -33,8 +33,9 @@ TORCH_LIBRARY(tp_kernels, m) {
   m.def("gemm_reduce_scatter(Tensor x, Tensor w, Tensor? bias, str group, int? chunks=None) -> Tensor");
   m.def("allgather_gemm(Tensor x, Tensor w, Tensor? bias, str group, int? chunks=None) -> Tensor");
 
-  // Sum of x over the ranks of group, out of place; algo names a backend of the chain or "auto".
-  m.def("all_reduce(Tensor x, str group, str algo=\"auto\") -> Tensor");
+  // Sum of x over the ranks of group, out of place; backend names a backend of the group's chain or is
+  // "auto" (the first that applies, or the one tp.use_backend forces).
+  m.def("all_reduce(Tensor x, str group, str backend=\"auto\") -> Tensor");
   // Concatenation of x from every rank of group along dim.
   m.def("all_gather(Tensor x, str group, int dim) -> Tensor");
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import tp_kernels  # noqa: F401  (first: the installed package, before the repo root goes on sys.path)
-from tp_kernels import perfmodel_decode as pd
-from tp_kernels.perfmodel import HARDWARE
+from tp_kernels.perf import decode_model as pd
+from tp_kernels.perf.cost_model import HARDWARE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The bench scripts put the repo root first on sys.path when imported (so they run from a checkout);
@@ -162,30 +162,26 @@ def test_summary_from_csvs(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # decode_e2e
 # ----------------------------------------------------------------------------------------------------------
-class _FakeCommunicator:
-    def __init__(self, name):
-        self.name = name
+def test_decode_e2e_says_why_a_backend_cannot_be_forced():
+    from tp_kernels.distributed import TPGroup
+
+    tp = TPGroup.single()  # chain: identity, torch
+    assert decode_e2e.missing_backend(tp, "torch") is None
+    assert "'shm' is not in this group's chain ['identity', 'torch']" in decode_e2e.missing_backend(tp, "shm")
 
 
-def test_decode_e2e_forces_one_backend_or_says_why_not():
-    chain = [_FakeCommunicator(n) for n in ("identity", "shm", "torch")]
-    forced, reason = decode_e2e.chain_for(chain, "torch", world_size=2)
-    assert [c.name for c in forced] == ["identity", "torch"] and reason is None
-    forced, reason = decode_e2e.chain_for(chain, "shm", world_size=2)
-    assert [c.name for c in forced] == ["identity", "shm"]
-    forced, reason = decode_e2e.chain_for(chain[::2], "shm", world_size=2)
-    assert forced is None and "'shm' is not in this group's all-reduce chain ['identity', 'torch']" in reason
-
-
-def test_decode_e2e_comm_timer_times_the_wrapped_collective():
-    from tp_kernels.distributed import IdentityCommunicator
+def test_decode_e2e_comm_timer_times_the_collective_ops():
+    from tp_kernels import ops
+    from tp_kernels.distributed import TPGroup
 
     timer = decode_e2e.CommTimer()
-    timed = decode_e2e.timed_communicator(IdentityCommunicator(1), timer)
-    x = torch.randn(3)
-    assert timed.name == "identity" and timed.applies(x)
-    assert torch.equal(timed.all_reduce(x), x)
-    assert timer.calls == 1 and timer.seconds > 0
+    x = torch.randn(3, 4)
+    with decode_e2e.timed_collective_ops(timer):
+        assert torch.equal(ops.all_reduce(x, TPGroup.single()), x)
+        assert torch.equal(ops.all_gather(x, TPGroup.single(), dim=-1), x)
+    assert timer.calls == 2 and timer.seconds > 0
+    ops.all_reduce(x, TPGroup.single())  # restored: no longer timed
+    assert timer.calls == 2
 
 
 def test_decode_e2e_help_runs():

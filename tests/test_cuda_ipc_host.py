@@ -14,7 +14,7 @@ from tp_kernels.comm import cuda_ipc, ipc_plan
 from tp_kernels.comm.cuda_ipc import CudaIpcCommunicator
 from tp_kernels.comm.ipc_plan import ONE_SHOT, TWO_SHOT
 from tp_kernels.distributed import TPGroup
-from tp_kernels.perfmodel import HARDWARE
+from tp_kernels.perf.cost_model import HARDWARE
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

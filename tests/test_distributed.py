@@ -7,8 +7,8 @@ from tp_kernels import ops, reference
 from tp_kernels.distributed import TPGroup, resolve
 
 
-def _all_reduce_rank(tp, xs, algo):
-    return ops.all_reduce(xs[tp.rank], tp, algo), xs[tp.rank]
+def _all_reduce_rank(tp, xs, backend):
+    return ops.all_reduce(xs[tp.rank], tp, backend), xs[tp.rank]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
@@ -48,9 +48,9 @@ def test_unknown_group_name_raises():
         ops.all_reduce(torch.ones(2), "no-such-group")
 
 
-def test_unknown_algo_raises():
-    with pytest.raises(ValueError, match="algo must be 'auto' or one of"):
-        ops.all_reduce(torch.ones(2), TPGroup.single(), algo="carrier-pigeon")
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match=r"backend must be one of \['identity', 'torch'\]"):
+        ops.all_reduce(torch.ones(2), TPGroup.single(), backend="carrier-pigeon")
 
 
 def _all_gather_rank(tp, xs, dim):
@@ -63,3 +63,100 @@ def test_all_gather_concatenates_in_rank_order(world_size, dim):
     xs = [torch.randn(3, 5, 2) for _ in range(world_size)]
     for y in spawn_ranks(world_size, _all_gather_rank, xs, dim):
         assert torch.equal(y, torch.cat(xs, dim=dim))
+
+
+# -- the chain: fixed at construction, forced only by use_backend ---------------------------------------------
+def test_chain_cannot_be_assigned():
+    tp = TPGroup.single()
+    assert isinstance(tp.communicators, tuple)
+    with pytest.raises(AttributeError, match="use_backend"):
+        tp.communicators = tp.communicators[:1]
+
+
+def test_backends_argument_is_checked():
+    with pytest.raises(ValueError, match="backends must name each of"):
+        TPGroup(rank=0, world_size=1, name="test_distributed.bad", backends=("torch", "carrier-pigeon"))
+    with pytest.raises(TypeError, match="sequence of backend names"):
+        TPGroup(rank=0, world_size=1, name="test_distributed.bad", backends="torch")
+
+
+class _CountingTorchCalls:
+    """Counts the calls that reach torch.distributed's all_reduce / all_gather_single in this process."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist, self.counts = dist, {"all_reduce": 0, "all_gather_single": 0}
+        self.originals = {name: getattr(dist, name) for name in self.counts}
+
+    def __enter__(self):
+        for name, fn in self.originals.items():
+            def counted(*args, _fn=fn, _name=name, **kwargs):
+                self.counts[_name] += 1
+                return _fn(*args, **kwargs)
+            setattr(self.dist, name, counted)
+        return self.counts
+
+    def __exit__(self, *exc):
+        for name, fn in self.originals.items():
+            setattr(self.dist, name, fn)
+
+
+def _use_backend_rank(tp):
+    """Which backend serves ops.all_reduce / all_gather / allreduce_residual_rmsnorm (C++ kernel or Python),
+    by counting torch.distributed calls and shm steps, with and without use_backend."""
+    shm = next(c for c in tp.communicators if c.name == "shm")
+    x = torch.full((4, 8), float(tp.rank + 1))
+    residual, weight = torch.zeros(4, 8), torch.ones(8)
+    seen = {}
+
+    def run(label):
+        steps_before = shm.sequence
+        with _CountingTorchCalls() as counts:
+            total = ops.all_reduce(x, tp)
+            gathered = ops.all_gather(x, tp, dim=0)
+            normed, new_residual = ops.allreduce_residual_rmsnorm(x, residual, weight, 1e-6, tp)
+        seen[label] = (dict(counts), shm.sequence - steps_before, total[0, 0].item(), tuple(gathered.shape),
+                       new_residual[0, 0].item())
+
+    run("default")
+    with tp.use_backend("torch") as forced:
+        assert forced.name == "torch" and tp.forced_backend == "torch"
+        run("torch")
+        with tp.use_backend("shm"):
+            run("shm inside torch")
+        run("torch again")
+        with pytest.raises(ValueError, match=r"backend='shm' conflicts with use_backend\('torch'\)"):
+            ops.all_reduce(x, tp, backend="shm")
+    assert tp.forced_backend is None
+    run("after")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with tp.use_backend("carrier-pigeon"):
+            pass
+    with tp.use_backend("shm"):
+        with pytest.raises(RuntimeError, match="forced to 'shm' by use_backend"):
+            ops.all_reduce(x.double(), tp)  # shm has no float64: raises instead of falling through to gloo
+    return seen
+
+
+def test_use_backend_is_honoured_by_every_path():
+    for seen in spawn_ranks(2, _use_backend_rank):
+        shm_only = ({"all_reduce": 0, "all_gather_single": 0}, 3, 3.0, (8, 8), 3.0)
+        torch_only = ({"all_reduce": 2, "all_gather_single": 1}, 0, 3.0, (8, 8), 3.0)
+        assert seen == {"default": shm_only, "torch": torch_only, "shm inside torch": shm_only,
+                        "torch again": torch_only, "after": shm_only}, seen
+
+
+def _chain_names_rank(tp, backends):
+    import torch.distributed as dist
+
+    group = TPGroup.from_group(dist.new_group(list(range(tp.world_size))), backends=backends)
+    try:
+        return [c.name for c in group.communicators]
+    finally:
+        group.close()
+
+
+def test_from_group_builds_the_named_chain():
+    assert spawn_ranks(2, _chain_names_rank, ("torch",)) == [["identity", "torch"]] * 2
+    assert spawn_ranks(2, _chain_names_rank, ("shm", "torch")) == [["identity", "shm", "torch"]] * 2

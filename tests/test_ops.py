@@ -84,7 +84,11 @@ def _compiled_step(x, residual, w_qkv, cos_sin, positions, w_o, w_gate, norm_w, 
 def _compile_rank(tp, inputs):
     torch._dynamo.reset()
     eager = _compiled_step(*inputs, tp)
-    compiled = torch.compile(_compiled_step, fullgraph=True, backend="inductor")(*inputs, tp)
+    # Compile afresh: inductor's on-disk caches are keyed by the graph's code, not by the schemas of the custom
+    # ops in it, so a graph cached before a schema change (all_reduce's `algo` became `backend`) was replayed
+    # with the old keyword and failed.
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled = torch.compile(_compiled_step, fullgraph=True, backend="inductor")(*inputs, tp)
     return eager, compiled
 
 

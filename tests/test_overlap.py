@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from conftest import assert_close, spawn_ranks
-from tp_kernels import calibration, ops, reference
-from tp_kernels.distributed import Communicator, IdentityCommunicator, TPGroup
-from tp_kernels.ops import overlap
+from tp_kernels import ops, reference
+from tp_kernels.perf import calibration
+from tp_kernels.comm.base import Communicator, IdentityCommunicator
+from tp_kernels.distributed import TPGroup
+from tp_kernels.ops import overlap_plan
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHUNKS = (1, 2, 3, 5, 8, None)
@@ -141,7 +143,7 @@ def test_opcheck_two_ranks():
 def test_chunk_bounds_cover_rows_without_gaps():
     for n_rows in (1, 7, 64):
         for n_chunks in range(1, min(n_rows, 8) + 1):
-            bounds = overlap.chunk_bounds(n_rows, n_chunks)
+            bounds = overlap_plan.chunk_bounds(n_rows, n_chunks)
             assert bounds[0][0] == 0 and bounds[-1][1] == n_rows and len(bounds) == n_chunks
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
             sizes = [stop - start for start, stop in bounds]
@@ -186,7 +188,7 @@ def test_world_size_one_chunks_none_is_one_chunk_and_exact():
     try:
         x = torch.randn(9, 16, dtype=torch.float64)
         w = torch.randn(4, 16, dtype=torch.float64)
-        assert overlap.plan_chunks(None, tp, x, 9, 4, 16, 9, "all_reduce") == 1
+        assert overlap_plan.plan_chunks(None, tp, x, 9, 4, 16, 9, "all_reduce") == 1
         torch.testing.assert_close(ops.gemm_allreduce(x, w, None, tp), x @ w.T, rtol=0, atol=1e-12)
     finally:
         tp.close()

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from conftest import assert_close, spawn_ranks
-from tp_kernels import calibration, perfmodel
+from tp_kernels.perf import calibration, cost_model
 from tp_kernels.layers import ColumnParallelLinear, RowParallelLinear
-from tp_kernels.ops import overlap
+from tp_kernels.ops import overlap_plan
 
 
 def _mlp_rank(tp, x, up, down, chunks):
@@ -49,8 +49,8 @@ def _calibrate_rank(tp, cache_dir):
     measured = calibration.calibrate_cpu(tp, force=True)
     cached = calibration.calibrate_cpu(tp)
     x = torch.randn(4096, 64)
-    calibration.set_hardware(tp, perfmodel.HARDWARE["H100"])
-    planned = overlap.plan_chunks(None, tp, x, 4096, 8192, 1024, 4096, "all_reduce")
+    calibration.set_hardware(tp, cost_model.HARDWARE["H100"])
+    planned = overlap_plan.plan_chunks(None, tp, x, 4096, 8192, 1024, 4096, "all_reduce")
     calibration.set_hardware(tp, None)
     return measured, cached, planned
 
@@ -68,5 +68,5 @@ def test_calibration_is_identical_on_every_rank_and_cached(tmp_path):
     assert "cached" in cached0.source and "cached" in cached1.source
     assert len(os.listdir(tmp_path)) == 1
     # set_hardware overrides the plan on every rank alike
-    expected = perfmodel.best_chunks(4096, 8192, 1024, 2, torch.float32, perfmodel.HARDWARE["H100"])
+    expected = cost_model.best_chunks(4096, 8192, 1024, 2, torch.float32, cost_model.HARDWARE["H100"])
     assert planned0 == planned1 == expected

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from conftest import spawn_ranks
 from tp_kernels.distributed import TPGroup
-from tp_kernels.head_parallel import HeadParallelLinear
+from tp_kernels.layers import HeadParallelLinear
 
 transformers = pytest.importorskip("transformers", reason="parallelize converts Hugging Face transformers models")
 

@@ -61,8 +61,8 @@ def _sums_rank(tp, seed, cases, big_numel):
     x = _input(seed - 1, tp.rank, (big_numel,), torch.float32)
     chosen = tp.communicator_for(x).name
     y_auto = ops.all_reduce(x, tp)
-    y_shm = ops.all_reduce(x, tp, algo="shm")
-    y_torch = ops.all_reduce(x, tp, algo="torch")
+    y_shm = ops.all_reduce(x, tp, backend="shm")
+    y_torch = ops.all_reduce(x, tp, backend="torch")
     return results, chosen, y_auto, y_shm, y_torch
 
 
@@ -207,14 +207,15 @@ def _native_path_rank(tp, seed):
     """Which calls the C++ CPU kernels serve themselves and which they hand to the Python chain: spies
     replace the Python implementations for the duration."""
     from tp_kernels._extension import _C
-    from tp_kernels.distributed import IdentityCommunicator, TorchCommunicator, TPGroup
+    from tp_kernels.comm.base import IdentityCommunicator, TorchCommunicator
+    from tp_kernels.distributed import TPGroup
     from tp_kernels.ops import native
 
     handed_to_python = []
 
-    def spy_all_reduce(x, group, algo):
-        handed_to_python.append(("all_reduce", group == tp.name, algo, str(x.dtype)))
-        return native._all_reduce(x, group, algo)
+    def spy_all_reduce(x, group, backend):
+        handed_to_python.append(("all_reduce", group == tp.name, backend, str(x.dtype)))
+        return native._all_reduce(x, group, backend)
 
     def spy_fused(x, residual, weight, eps, group):
         handed_to_python.append(("fused", group == tp.name, x.shape[-1]))
@@ -233,7 +234,7 @@ def _native_path_rank(tp, seed):
         native_sum = ops.all_reduce(x, tp)
         native_fused = ops.allreduce_residual_rmsnorm(x, residual, weight, 1e-6, tp)
         seen["shm group, plain calls"] = list(handed_to_python)
-        ops.all_reduce(x, tp, algo="torch")
+        ops.all_reduce(x, tp, backend="torch")
         ops.all_reduce(x.double(), tp)
         ops.all_reduce(x, gloo_only)
         ops.allreduce_residual_rmsnorm(torch.ones(1, wide), torch.ones(1, wide), torch.ones(wide), 1e-6, tp)

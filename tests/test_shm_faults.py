@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from conftest import spawn_ranks
 from tp_kernels import _C, ops
-from tp_kernels.comm import shm
+from tp_kernels.comm import base as comm_base
 from tp_kernels.comm.shm import ShmCommunicator
 from tp_kernels.distributed import TPGroup
 
@@ -38,11 +38,11 @@ def _private_comm(tp, timeout_s=SHORT_TIMEOUT_S, **kw) -> ShmCommunicator:
 # timeout names the missing ranks; the env variable sets it
 # ----------------------------------------------------------------------------------------------------------
 def _timeout_rank(tp, absent, timeout_env):
-    os.environ[shm.TIMEOUT_ENV] = timeout_env
+    os.environ[comm_base.TIMEOUT_ENV] = timeout_env
     try:
         comm = _private_comm(tp, timeout_s=None)  # reads TP_KERNELS_COMM_TIMEOUT
     finally:
-        del os.environ[shm.TIMEOUT_ENV]
+        del os.environ[comm_base.TIMEOUT_ENV]
     try:
         if tp.rank in absent:
             return comm.timeout_s, None, None, None
@@ -71,14 +71,14 @@ def test_wait_times_out_naming_missing_ranks(world_size, absent):
 
 
 def test_bad_timeout_env_raises(monkeypatch):
-    monkeypatch.setenv(shm.TIMEOUT_ENV, "soon")
+    monkeypatch.setenv(comm_base.TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match="TP_KERNELS_COMM_TIMEOUT must be a number of seconds > 0"):
-        shm.comm_timeout_s()
-    monkeypatch.setenv(shm.TIMEOUT_ENV, "0")
+        comm_base.comm_timeout_s()
+    monkeypatch.setenv(comm_base.TIMEOUT_ENV, "0")
     with pytest.raises(ValueError, match="TP_KERNELS_COMM_TIMEOUT"):
-        shm.comm_timeout_s()
-    monkeypatch.delenv(shm.TIMEOUT_ENV)
-    assert shm.comm_timeout_s() == shm.DEFAULT_TIMEOUT_S
+        comm_base.comm_timeout_s()
+    monkeypatch.delenv(comm_base.TIMEOUT_ENV)
+    assert comm_base.comm_timeout_s() == comm_base.DEFAULT_TIMEOUT_S
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,12 +245,12 @@ def _bad_args_rank(tp):
     comm = tp.communicator_for(torch.ones(1))
     buffer = torch.ones(6)
     for name, call in {
-        "float64 through algo=shm": lambda: ops.all_reduce(torch.ones(3, dtype=torch.float64), tp, algo="shm"),
+        "float64 through backend=shm": lambda: ops.all_reduce(torch.ones(3, dtype=torch.float64), tp, backend="shm"),
         "int32 to the communicator": lambda: comm.all_reduce(torch.ones(3, dtype=torch.int32)),
         "out of another shape": lambda: comm.all_reduce(torch.ones(3), torch.empty(4)),
         "out overlapping x": lambda: comm.all_reduce(buffer[:4], buffer[2:]),
         "unknown publish_stores": lambda: setattr(comm, "publish_stores", "sometimes"),
-        "unknown algo": lambda: ops.all_reduce(torch.ones(3), tp, algo="ipc-over-carrier-pigeon"),
+        "unknown backend": lambda: ops.all_reduce(torch.ones(3), tp, backend="ipc-over-carrier-pigeon"),
     }.items():
         with pytest.raises(ValueError) as err:
             call()
@@ -262,12 +262,12 @@ def _bad_args_rank(tp):
 
 def test_bad_arguments_raise_value_error():
     for errors in spawn_ranks(2, _bad_args_rank):
-        assert "does not apply to a torch.float64" in errors["float64 through algo=shm"]
+        assert "does not apply to a torch.float64" in errors["float64 through backend=shm"]
         assert "x must be float32, float16 or bfloat16" in errors["int32 to the communicator"]
         assert "out must have x's shape and dtype" in errors["out of another shape"]
         assert "out must be x itself (in place) or not overlap x" in errors["out overlapping x"]
         assert "publish_stores must be 'auto', 'ordinary' or 'non-temporal'" in errors["unknown publish_stores"]
-        assert "'shm'" in errors["unknown algo"]
+        assert "'shm'" in errors["unknown backend"]
         assert errors["after"] == [2.0, 2.0]
     with pytest.raises(ValueError, match="slot_bytes must be a positive multiple of 4096"):
         _C.ShmCommunicator.create(2, 1000, 1.0, "bad-slot")

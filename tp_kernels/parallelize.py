@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 import torch.nn as nn
 
 from tp_kernels.distributed import TPGroup
-from tp_kernels.head_parallel import HeadParallelLinear, heads_of_rank
+from tp_kernels.layers import HeadParallelLinear, heads_of_rank
 from tp_kernels.layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                                VocabParallelEmbedding)
 

@@ -15,6 +15,11 @@ import torch
 import torch.nn.functional as F
 
 ROPE_STYLES = ("neox", "gptj", "none")
+# The position of a padding token (a CUDA-graph batch padded to its captured size): qkv_rope rotates it
+# as position 0, qkv_rope_kv_cache writes none of its k and v. Any other position outside the tables
+# raises on CPU; on a GPU, where checking would cost a device sync per call, the kernel writes nothing
+# for it either and clamps its cos/sin row into the table (its q and k are then unspecified).
+SKIP_POSITION = -1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -77,17 +82,26 @@ def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: Optional[torch.Tensor]
     k = qkv[:, q_cols:q_cols + kv_cols].reshape(n_tokens, n_kv_heads_per_rank, head_dim)
     v = qkv[:, q_cols + kv_cols:].reshape(n_tokens, n_kv_heads_per_rank, head_dim)
     if rope_style != "none":
-        cos_sin = cos_sin_cache[positions].to(compute_dtype)  # (T, rotary_dim)
+        rope_positions = torch.where(positions == SKIP_POSITION, 0, positions)  # padding tokens: as position 0
+        cos_sin = cos_sin_cache[rope_positions].to(compute_dtype)  # (T, rotary_dim)
         q, k = apply_rope(q, cos_sin, rope_style), apply_rope(k, cos_sin, rope_style)
     return q.to(x.dtype).contiguous(), k.to(x.dtype).contiguous(), v.to(x.dtype).contiguous()
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cache_batch_index: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """k_cache[cache_batch_index[t], positions[t]] = k[t] (and v likewise), in place.
-    Caches are (batch, max_seq, n_kv_heads_per_rank, head_dim)."""
-    k_cache[cache_batch_index, positions] = k.to(k_cache.dtype)
-    v_cache[cache_batch_index, positions] = v.to(v_cache.dtype)
+    """k_cache[cache_batch_index[t], positions[t]] = k[t] (and v likewise), in place, for every token t
+    whose position is not SKIP_POSITION (-1: a padding token, written nowhere). Caches are
+    (batch, max_seq, n_kv_heads_per_rank, head_dim); the other indices must lie inside them (ValueError)."""
+    written = positions != SKIP_POSITION
+    batch_index, positions = cache_batch_index[written], positions[written]
+    for name, index, bound in (("cache_batch_index", batch_index, k_cache.shape[0]),
+                               ("positions", positions, k_cache.shape[1])):
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= bound):
+            raise ValueError(f"{name} must be in [0, {bound}) for the tokens written to the cache (position "
+                             f"{SKIP_POSITION} skips a token), got values in [{int(index.min())}, {int(index.max())}]")
+    k_cache[batch_index, positions] = k[written].to(k_cache.dtype)
+    v_cache[batch_index, positions] = v[written].to(v_cache.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,10 +4,12 @@
 // the arguments into Python, the chain lookup, unboxing), several times the 4 KiB shared-memory
 // all-reduce itself, and a decoder makes two of these calls per layer and token. So the common case,
 // a group whose CPU chain starts with the shm communicator, is served here without Python: the group's
-// communicator is looked up by name in a table that tp_kernels.distributed fills when it makes the group
-// (register_shm_group). Every other case (another backend, algo="torch", a bad argument, a row larger
-// than a slot) goes to the Python implementation (set_cpu_collective_fallbacks), which holds the chain,
-// the argument checks and their error messages; so the C++ side only has to recognize the plain case.
+// communicator is looked up by name in a table that tp_kernels.distributed keeps in step with the group's
+// chain (register_shm_group: when the group is made, and on entering and leaving tp.use_backend), so a
+// group appears here exactly while the chain would pick shm for every dtype handled below. Every other
+// case (another backend, backend="torch", a bad argument, a row larger than a slot) goes to the Python
+// implementation (set_cpu_collective_fallbacks), which holds the chain, the argument checks and their
+// error messages; so the C++ side only has to recognize the plain case.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -64,14 +66,15 @@ bool shm_dtype(const at::Tensor& t) {
   return type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
 }
 
-bool shm_algo(c10::string_view algo) { return algo == "auto" || algo == "shm"; }
+bool shm_backend(c10::string_view backend) { return backend == "auto" || backend == "shm"; }
 
-at::Tensor all_reduce_cpu(const at::Tensor& x, c10::string_view group, c10::string_view algo) {
-  if (shm_algo(algo) && shm_dtype(x)) {
+at::Tensor all_reduce_cpu(const at::Tensor& x, c10::string_view group, c10::string_view backend) {
+  if (shm_backend(backend) && shm_dtype(x)) {
     if (auto comm = find_shm_group(group)) return comm->all_reduce(x.contiguous(), std::nullopt);
   }
   py::gil_scoped_acquire gil;
-  return fallback(fallbacks().all_reduce, "all_reduce")(x, std::string(group), std::string(algo)).cast<at::Tensor>();
+  return fallback(fallbacks().all_reduce, "all_reduce")(x, std::string(group), std::string(backend))
+      .cast<at::Tensor>();
 }
 
 std::tuple<at::Tensor, at::Tensor> allreduce_residual_rmsnorm_cpu(const at::Tensor& x, const at::Tensor& residual,
@@ -107,7 +110,7 @@ void bind_shm_ops(py::module& m) {
         }
       },
       py::arg("group"), py::arg("comm"),
-      "Serve the CPU all_reduce / allreduce_residual_rmsnorm ops of group (algo 'auto' or 'shm') with comm "
+      "Serve the CPU all_reduce / allreduce_residual_rmsnorm ops of group (backend 'auto' or 'shm') with comm "
       "without going through Python; None forgets the group.");
   m.def(
       "set_cpu_collective_fallbacks",

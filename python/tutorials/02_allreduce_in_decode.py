@@ -13,7 +13,7 @@
 # tokens) the GEMM does tokens times more work and the all-reduce is small beside it.
 #
 # Part 1 measures both on 2 CPU ranks (gloo, or the shared-memory communicator where it is built). Part 2 puts
-# numbers on a GPU with the analytic model in tp_kernels.perfmodel: those are MODELED, not measured.
+# numbers on a GPU with the analytic model in tp_kernels.perf.cost_model: those are MODELED, not measured.
 import os
 import statistics
 import tempfile
@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 import tp_kernels
 from tp_kernels import ops
-from tp_kernels.perfmodel import HARDWARE
+from tp_kernels.perf.cost_model import HARDWARE
 
 WORLD_SIZE = 2
 D_MODEL, D_FF = 1024, 4096  # the down projection of a small model: W_r is (1024, 2048) fp32, 8 MB per rank
@@ -73,7 +73,7 @@ def modeled_gpu_decode():
     hw = HARDWARE["H100"]
     d_model, d_ff, head_dim, n_heads, n_kv_heads, batch = 4096, 14336, 128, 32, 8, 8
     layer_params = d_model * (n_heads + 2 * n_kv_heads) * head_dim + n_heads * head_dim * d_model + 3 * d_model * d_ff
-    print(f"\nMODELED (tp_kernels.perfmodel, {hw.name}: {hw.hbm_gbps:.0f} GB/s HBM, {hw.link_gbps:.0f} GB/s and "
+    print(f"\nMODELED (tp_kernels.perf.cost_model, {hw.name}: {hw.hbm_gbps:.0f} GB/s HBM, {hw.link_gbps:.0f} GB/s and "
           f"{hw.link_latency_us:.0f} us per all-reduce over NVLink; source: {hw.source}).")
     print(f"One 8B-class decoder layer at decode, batch {batch}, bf16:")
     print(f"  {'tp':>3}  {'weights/rank':>12}  {'GEMMs':>8}  {'2 all-reduces':>13}  {'all-reduce share':>16}")

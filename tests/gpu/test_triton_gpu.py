@@ -151,3 +151,122 @@ def test_float64_runs_the_native_implementation_with_a_warning():
                                head_dim=64)
     for actual, ref in zip((q, k, v), _expected(x, w_qkv, b_qkv, cos_sin, positions, 2, 1, 64, "neox")):
         assert_close(actual, ref, torch.float64, reduction_len=HIDDEN)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decode split-K, the -1 skip position, CUDA graphs (issue 18, items 10, 12, 15)
+# ----------------------------------------------------------------------------------------------------------
+def _llama70b_tp8_decode(n_tokens, dtype=torch.bfloat16):
+    """One rank of Llama-70B at TP=8: hidden 8192, 8 q heads and 1 KV head of 128 (QKV N = 1280)."""
+    torch.manual_seed(0)
+    hidden, n_heads, n_kv_heads, head_dim = 8192, 8, 1, 128
+    x = torch.randn(n_tokens, hidden, device="cuda").to(dtype)
+    w_qkv = (torch.randn((n_heads + 2 * n_kv_heads) * head_dim, hidden, device="cuda") / hidden ** 0.5).to(dtype)
+    cos_sin = reference.rope_cos_sin_cache(MAX_POSITION, head_dim, device="cuda")
+    positions = torch.randint(0, 64, (n_tokens,), device="cuda")
+    return x, w_qkv, None, cos_sin, positions, n_heads, n_kv_heads, head_dim
+
+
+@pytest.mark.parametrize("n_tokens", [1, 128])
+def test_split_k_fills_the_sms_and_matches_reference(n_tokens):
+    from tp_kernels.kernels import configs, launch
+
+    x, w_qkv, b_qkv, cos_sin, positions, n_heads, n_kv_heads, head_dim = _llama70b_tp8_decode(n_tokens)
+    config = configs.qkv_config(x.device, x.dtype, n_tokens)
+    n_tiles = -(-n_tokens // config.block_m) * (n_heads + 2 * n_kv_heads) * head_dim // config.block_n
+    n_sms = configs.sm_count(x.device)
+    split = configs.split_k_for(n_tiles, x.shape[1], config.block_k, n_sms)
+    assert n_tiles * split >= n_sms, (n_tiles, split, n_sms)
+    expected = _expected(x, w_qkv, b_qkv, cos_sin, positions, n_heads, n_kv_heads, head_dim, "neox")
+    first = ops.qkv_rope(x, w_qkv, b_qkv, cos_sin, positions, n_heads_per_rank=n_heads,
+                         n_kv_heads_per_rank=n_kv_heads, head_dim=head_dim)
+    for name, actual, ref in zip("qkv", first, expected):
+        assert_close(actual.cpu(), ref.cpu(), torch.bfloat16, reduction_len=x.shape[1], msg=name)
+    for _ in range(50):  # the partials are summed in part order: the same bits every call
+        again = ops.qkv_rope(x, w_qkv, b_qkv, cos_sin, positions, n_heads_per_rank=n_heads,
+                             n_kv_heads_per_rank=n_kv_heads, head_dim=head_dim)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    torch.cuda.synchronize()
+    assert not any(buffer.any() for buffer in launch._counter_buffers.values()), "arrival counters left non-zero"
+
+
+def test_split_k_on_two_streams_at_once():
+    """Each stream gets its own lane of arrival counters: interleaved launches on two streams agree with
+    launches on one."""
+    x, w_qkv, b_qkv, cos_sin, positions, n_heads, n_kv_heads, head_dim = _llama70b_tp8_decode(2)
+    kwargs = dict(n_heads_per_rank=n_heads, n_kv_heads_per_rank=n_kv_heads, head_dim=head_dim)
+    expected = ops.qkv_rope(x, w_qkv, b_qkv, cos_sin, positions, **kwargs)[0]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outputs = []
+    for _ in range(20):
+        for stream in streams:
+            with torch.cuda.stream(stream):
+                outputs.append(ops.qkv_rope(x, w_qkv, b_qkv, cos_sin, positions, **kwargs)[0])
+    torch.cuda.synchronize()
+    assert all(torch.equal(out, expected) for out in outputs)
+
+
+def test_out_of_range_cache_indices_on_cuda_write_nothing():
+    x, w_qkv, b_qkv, cos_sin, _, n_heads, n_kv_heads, head_dim = _llama70b_tp8_decode(6)
+    batch, max_seq = 3, 16
+    positions = torch.tensor([5, -1, max_seq, 10 ** 6, -3, 2], device="cuda")
+    batch_index = torch.tensor([1, 0, 0, 2, 1, batch], device="cuda")
+    buffers = [torch.randn(batch + 2, max_seq, n_kv_heads, head_dim, device="cuda").bfloat16() for _ in range(2)]
+    before = [b.clone() for b in buffers]
+    q = ops.qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin, positions, batch_index, buffers[0][1:-1], buffers[1][1:-1],
+                              n_heads_per_rank=n_heads, n_kv_heads_per_rank=n_kv_heads, head_dim=head_dim)
+    torch.cuda.synchronize()
+    assert torch.isfinite(q).all()
+    for buffer, old in zip(buffers, before):
+        changed = (buffer != old).any(dim=-1).any(dim=-1).nonzero().tolist()
+        assert changed == [[2, 5]], changed
+
+
+def test_split_k_in_a_captured_cuda_graph_matches_eager():
+    x, w_qkv, b_qkv, cos_sin, positions, n_heads, n_kv_heads, head_dim = _llama70b_tp8_decode(1)
+    kwargs = dict(n_heads_per_rank=n_heads, n_kv_heads_per_rank=n_kv_heads, head_dim=head_dim)
+    static_x, static_positions = x.clone(), positions.clone()
+    ops.qkv_rope(static_x, w_qkv, b_qkv, cos_sin, static_positions, **kwargs)  # warm-up: compile, counters
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_q = ops.qkv_rope(static_x, w_qkv, b_qkv, cos_sin, static_positions, **kwargs)[0]
+    for step in range(5):
+        static_x.copy_(torch.randn_like(x))
+        static_positions.fill_(step)
+        graph.replay()
+        eager_q = ops.qkv_rope(static_x, w_qkv, b_qkv, cos_sin, static_positions, **kwargs)[0]
+        torch.cuda.synchronize()
+        assert torch.equal(static_q, eager_q), f"replay {step} differs from eager"
+
+
+def _reduce_overhead_skips(k_cache, v_cache):
+    """Inductor's count of graphs that reduce-overhead left without a CUDA graph, for a compiled decode
+    step that writes k_cache and v_cache (batch >= 2, n_kv_heads, head_dim taken from them)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    _, max_seq, n_kv_heads, head_dim = k_cache.shape
+    n_heads = 2 * n_kv_heads
+    x, w_qkv, b_qkv, cos_sin, _ = _inputs(k_cache.dtype, 2, n_heads, n_kv_heads, head_dim, head_dim, True)
+
+    def step(x, positions, batch_index, k_cache, v_cache):
+        return ops.qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin, positions, batch_index, k_cache, v_cache,
+                                     n_heads_per_rank=n_heads, n_kv_heads_per_rank=n_kv_heads, head_dim=head_dim)
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for position in range(min(4, max_seq)):
+        compiled(x, torch.full((2,), position, device="cuda"), torch.arange(2, device="cuda"), k_cache, v_cache)
+    torch.cuda.synchronize()
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def test_reduce_overhead_keeps_cuda_graphs_with_the_kv_cache():
+    from tp_kernels import TPGroup
+    from tp_kernels.models import GPT
+
+    model = GPT.from_preset("tiny", TPGroup.single(), dtype=torch.bfloat16, device="cuda")
+    cache = model.new_cache(2, 16)
+    assert _reduce_overhead_skips(cache.k[0], cache.v[0]) == 0, "reduce-overhead skipped CUDA graphs"
+    plain = [torch.zeros_like(cache.k[0]) for _ in range(2)]  # the control: caches not marked static
+    assert _reduce_overhead_skips(*plain) > 0, "the unmarked control should be skipped: else this check cannot fail"

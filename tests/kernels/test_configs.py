@@ -39,3 +39,21 @@ def test_cpu_tensors_use_the_sm80_table_and_dtypes_map_to_classes():
     assert configs.dtype_class(torch.float32) == "fp32"
     assert configs.dtype_class(torch.bfloat16) == configs.dtype_class(torch.float16) == "16bit"
     assert configs.qkv_config(torch.device("cpu"), torch.float16, 1) is configs.QKV_CONFIGS[("sm_80", "16bit", 16)]
+
+
+@pytest.mark.parametrize("n_tiles, k, n_sms, split", [
+    (80, 8192, 132, 2),  # Llama-70B TP=8 QKV: 80 tiles of 16 columns -> 160 programs on an H100
+    (48, 4096, 132, 4),  # Llama-3-8B TP=8: 48 tiles -> 192 programs
+    (320, 8192, 132, 1),  # enough tiles: no split
+    (80, 1024, 132, 1),  # 4 K blocks: a split would leave fewer than MIN_K_BLOCKS_PER_SPLIT each
+    (1, 10 ** 6, 132, configs.MAX_SPLIT_K),  # capped
+])
+def test_split_k_for(n_tiles, k, n_sms, split):
+    assert configs.split_k_for(n_tiles, k, 256, n_sms) == split
+
+
+def test_llama70b_tp8_decode_fills_an_h100():
+    config = configs.QKV_CONFIGS[("sm_90", "16bit", 16)]
+    n_tiles = 1280 // config.block_n
+    split = configs.split_k_for(n_tiles, 8192, config.block_k, configs.SM_COUNT["sm_90"])
+    assert config.split_k and n_tiles * split >= 132

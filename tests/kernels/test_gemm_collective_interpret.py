@@ -195,15 +195,17 @@ def test_plans_pick_the_algorithm_and_size_the_buffer():
 # the ops' choice (tp_kernels/ops/gemm_collective_path.py), device-agnostic, run here on CPU ranks
 # ----------------------------------------------------------------------------------------------------------
 def _path_rank(tp, cases):
-    from tp_kernels import calibration, perfmodel
+    from tp_kernels.perf import calibration, cost_model
     from tp_kernels.ops import gemm_collective_path as path
 
-    calibration.set_hardware(tp, perfmodel.HARDWARE["H100"])  # no CPU calibration: plan as on an H100
+    calibration.set_hardware(tp, cost_model.HARDWARE["H100"])  # no CPU calibration: plan as on an H100
     x, w = torch.randn(4, 8), torch.randn(6, 8)
     reasons = {"none": path.fused_reason(tp, x, w, None, None, "all_reduce")}
     buf = SymmetricBuffer.create(tp, timeout_s=TIMEOUT_S)  # registered: the group's buffers now
     try:
         reasons["chunks"] = path.fused_reason(tp, x, w, None, 2, "all_reduce")
+        with tp.use_backend("torch"):
+            reasons["forced"] = path.fused_reason(tp, x, w, None, None, "all_reduce")
         reasons["dtype"] = path.fused_reason(tp, x.double(), w.double(), None, None, "all_reduce")
         reasons["capacity"] = path.fused_reason(tp, torch.randn(4096, 8), torch.randn(4096, 8), None, None,
                                                 "all_reduce")
@@ -228,5 +230,6 @@ def test_ops_take_the_fused_kernel_when_the_group_has_buffers():
     reasons = per_rank[0][0]
     assert reasons["none"] == "the group has no symmetric buffers"
     assert reasons["chunks"] == "chunks=2 was asked for"
+    assert reasons["forced"] == "use_backend('torch') forces the group's collectives"
     assert "dtype torch.float64" in reasons["dtype"]
     assert "needs" in reasons["capacity"] and "symmetric buffer" in reasons["capacity"]

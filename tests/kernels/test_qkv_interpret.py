@@ -149,3 +149,107 @@ def test_bad_arguments_raise_value_errors():
         qkv.qkv_rope_kv_cache(*args[:5], batch_index.float(), k_cache, k_cache.clone(), 2, 1, 64, "neox")
     with pytest.raises(ValueError, match=r"cache_batch_index must be in \[0, the caches' batch=2\)"):
         qkv.qkv_rope_kv_cache(*args[:5], batch_index + 2, k_cache, k_cache.clone(), 2, 1, 64, "neox")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# split-K (configs.split_k_for forced, since these hidden sizes are too small to split on their own): decode
+# and, at T=33, the 32 x 64 tiles
+# ----------------------------------------------------------------------------------------------------------
+SPLIT_HIDDEN = 320  # 2 parts of the 16-bit 256-deep K blocks, 3 of the fp32 128-deep ones; the last part short
+
+
+@pytest.mark.parametrize("write_kv_cache", [False, True], ids=["out", "kv-cache"])
+@pytest.mark.parametrize("dtype, n_tokens, rope_style", [(torch.float32, 1, "neox"), (torch.float16, 3, "gptj"),
+                                                        (torch.bfloat16, 1, "none"), (torch.float16, 33, "neox")],
+                         ids=lambda v: str(v)[6:] if isinstance(v, torch.dtype) else str(v))
+def test_split_k_matches_reference_and_leaves_counters_zero(dtype, n_tokens, rope_style, write_kv_cache,
+                                                            poisoned_outputs, monkeypatch):
+    from tp_kernels.kernels import configs, launch
+
+    monkeypatch.setattr(configs, "split_k_for", lambda *args: 4)
+    n_heads, n_kv_heads, head_dim = 2, 1, 64
+    x = torch.randn(n_tokens, SPLIT_HIDDEN).to(dtype)
+    w_qkv = (torch.randn((n_heads + 2 * n_kv_heads) * head_dim, SPLIT_HIDDEN) / SPLIT_HIDDEN ** 0.5).to(dtype)
+    b_qkv = torch.randn(w_qkv.shape[0]).to(dtype)
+    cos_sin = reference.rope_cos_sin_cache(MAX_POSITION, head_dim)
+    positions = torch.randperm(MAX_SEQ)[:n_tokens]  # distinct: each token owns its cache slot
+    expected = reference.qkv_rope(x.double(), w_qkv.double(), b_qkv.double(), cos_sin.double(), positions, n_heads,
+                                  n_kv_heads, head_dim, rope_style)
+    for call in range(2):  # the second launch reuses the counters the first one left
+        if write_kv_cache:
+            caches = [torch.full((BATCH, MAX_SEQ, n_kv_heads, head_dim), float("nan")).to(dtype) for _ in range(2)]
+            batch_index = torch.full((n_tokens,), BATCH - 1)
+            q = qkv.qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin, positions, batch_index, *caches, n_heads,
+                                      n_kv_heads, head_dim, rope_style)
+            k, v = (cache[batch_index, positions] for cache in caches)
+        else:
+            q, k, v = qkv.qkv_rope(x, w_qkv, b_qkv, cos_sin, positions, n_heads, n_kv_heads, head_dim, rope_style)
+        for name, actual, ref in zip("qkv", (q, k, v), expected):
+            assert_close(actual, ref, dtype, reduction_len=SPLIT_HIDDEN, msg=f"{name}, call {call}")
+        counters = launch._counter_buffers[("cpu", 0)]
+        assert not counters.any(), "the last part of a tile must put its arrival counter back to zero"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the -1 skip position and out-of-range cache indices
+# ----------------------------------------------------------------------------------------------------------
+def _guarded_caches(dtype, n_kv_heads, head_dim):
+    """k and v caches (BATCH, MAX_SEQ, ...) inside buffers with a guard batch row before and after, all
+    random, so that a write one batch row or one position outside the cache lands in a guard."""
+    buffers = [torch.randn(BATCH + 2, MAX_SEQ, n_kv_heads, head_dim).to(dtype) for _ in range(2)]
+    return buffers, [b[1:-1] for b in buffers]
+
+
+@pytest.mark.parametrize("split_k", [1, 2], ids=["one-part", "split-k"])
+def test_skip_and_out_of_range_indices_leave_the_cache_untouched(split_k, monkeypatch):
+    """What the kernel does on a GPU, where the launcher does not check index ranges (the CPU check is
+    switched off here): position -1 and every index outside the cache write nothing, the in-range
+    token is written, cos/sin rows are clamped into the table, and q is still right for -1 (position 0)."""
+    from tp_kernels.kernels import configs
+
+    monkeypatch.setattr(qkv, "_check_index_range", lambda *args: None)
+    monkeypatch.setattr(configs, "split_k_for", lambda *args: split_k)
+    dtype, n_heads, n_kv_heads, head_dim = torch.float32, 2, 1, 64
+    x, w_qkv, b_qkv, cos_sin, _ = _inputs(dtype, 7, n_heads, n_kv_heads, head_dim, head_dim, True)
+    # token:                 ok  skip  pos=max_seq  pos>>max  pos<0  batch=BATCH  batch<0
+    positions = torch.tensor([5, -1, MAX_SEQ, 10 ** 6, -3, 2, 4])
+    batch_index = torch.tensor([1, 0, 0, 2, 1, BATCH, -1])
+    buffers, (k_cache, v_cache) = _guarded_caches(dtype, n_kv_heads, head_dim)
+    before = [b.clone() for b in buffers]
+
+    q = qkv.qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin, positions, batch_index, k_cache, v_cache, n_heads,
+                              n_kv_heads, head_dim, "neox")
+
+    in_range = torch.tensor([True, True, False, False, False, True, True])  # positions inside the cos/sin table
+    q_ref, k_ref, v_ref = _expected(x[in_range], w_qkv, b_qkv, cos_sin, positions[in_range], n_heads, n_kv_heads,
+                                    head_dim, "neox")
+    assert_close(q[in_range], q_ref, dtype, reduction_len=HIDDEN, msg="q of the tokens inside the table")
+    assert torch.isfinite(q).all(), "a clamped cos/sin row must still give finite q"
+    assert_close(k_cache[1, 5], k_ref[0], dtype, reduction_len=HIDDEN, msg="k of the in-range token")
+    assert_close(v_cache[1, 5], v_ref[0], dtype, reduction_len=HIDDEN, msg="v of the in-range token")
+    for buffer, old in zip(buffers, before):
+        changed = (buffer != old).any(dim=-1).any(dim=-1).nonzero().tolist()  # (batch row, position) pairs
+        assert changed == [[2, 5]], f"cache slots written besides the in-range token's [1, 5]: {changed}"
+
+
+def test_the_cpu_launcher_accepts_the_skip_position_and_raises_on_other_out_of_range_indices():
+    dtype, n_heads, n_kv_heads, head_dim = torch.float32, 2, 1, 64
+    x, w_qkv, b_qkv, cos_sin, _ = _inputs(dtype, 2, n_heads, n_kv_heads, head_dim, head_dim, True)
+    buffers, (k_cache, v_cache) = _guarded_caches(dtype, n_kv_heads, head_dim)
+    before = [b.clone() for b in buffers]
+    # the skipped token's batch index may be anything: it is not used
+    q = qkv.qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin, torch.tensor([-1, 3]), torch.tensor([BATCH + 5, 0]),
+                              k_cache, v_cache, n_heads, n_kv_heads, head_dim, "neox")
+    q_ref = _expected(x, w_qkv, b_qkv, cos_sin, torch.tensor([0, 3]), n_heads, n_kv_heads, head_dim, "neox")[0]
+    assert_close(q, q_ref, dtype, reduction_len=HIDDEN, msg="q (position -1 rotates as position 0)")
+    for buffer, old in zip(buffers, before):
+        assert (buffer != old).any(dim=-1).any(dim=-1).nonzero().tolist() == [[1, 3]]
+    written = [b.clone() for b in buffers]
+    with pytest.raises(ValueError, match=r"positions must be in \[0, cos_sin_cache's max_position=96\) \(or the "
+                                         r"position -1 that marks a padding token\), got values in \[-2, 3\]"):
+        qkv.qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin, torch.tensor([-2, 3]), torch.tensor([0, 0]), k_cache,
+                              v_cache, n_heads, n_kv_heads, head_dim, "neox")
+    with pytest.raises(ValueError, match=r"cache_batch_index must be in \[0, the caches' batch=3\)"):
+        qkv.qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin, torch.tensor([2, 3]), torch.tensor([0, BATCH]), k_cache,
+                              v_cache, n_heads, n_kv_heads, head_dim, "neox")
+    assert all(torch.equal(b, old) for b, old in zip(buffers, written)), "a call that raised wrote the cache"

@@ -16,14 +16,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from tp_kernels import _extension
 from tp_kernels.comm import ipc_plan
-from tp_kernels.distributed import Communicator, TPGroup
+from tp_kernels.comm.base import Communicator
+
+if TYPE_CHECKING:
+    from tp_kernels.distributed import TPGroup
 
 log = logging.getLogger(__name__)
 _warned: set = set()

@@ -16,13 +16,13 @@ Decisions:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
 
-from tp_kernels.perfmodel import HARDWARE, Hardware
+from tp_kernels.comm.base import comm_timeout_s
+from tp_kernels.perf.cost_model import HARDWARE, Hardware
 
 # Flag arrays in the IPC buffer are sized for 8 ranks: one NVLink/NVSwitch node holds at most 8 GPUs, and
 # a one-shot kernel keeps one 16-byte load per peer in flight per thread (8 x 4 registers).
@@ -53,7 +53,7 @@ TWO_SHOT = "two_shot"
 def one_shot_limit_bytes(world_size: int, hw: Hardware = HARDWARE["H100"]) -> float:
     """Largest message for which one-shot is modeled faster than two-shot (math.inf: always).
 
-    Modeled, not measured (constants: perfmodel.HARDWARE, from the datasheets). With L the latency of one
+    Modeled, not measured (constants: cost_model.HARDWARE, from the datasheets). With L the latency of one
     flag barrier (hw.link_latency_us) and B the NVLink bandwidth into one GPU (hw.link_gbps):
       one-shot: 2 barriers, each rank reads (W-1) N bytes from its peers:      t1 = 2L + (W-1) N / B
       two-shot: 3 barriers, reads (W-1) N / W in the reduce-scatter and again
@@ -257,21 +257,7 @@ def tensor_fallback_reason(x: torch.Tensor, device: torch.device, buffer_bytes: 
 # ----------------------------------------------------------------------------------------------------------
 # barrier timeout
 # ----------------------------------------------------------------------------------------------------------
-DEFAULT_TIMEOUT_S = 60.0
-TIMEOUT_ENV = "TP_KERNELS_COMM_TIMEOUT"
-
-
 def timeout_ms(environ: Optional[Mapping[str, str]] = None) -> int:
     """How long a kernel waits at a barrier for a peer before it records the missing rank and traps:
-    TP_KERNELS_COMM_TIMEOUT seconds (default 60, as the other communicators)."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get(TIMEOUT_ENV)
-    if raw is None:
-        return int(DEFAULT_TIMEOUT_S * 1000)
-    try:
-        seconds = float(raw)
-    except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
-    if not seconds > 0 or not math.isfinite(seconds):
-        raise ValueError(f"{TIMEOUT_ENV} must be a positive, finite number of seconds, got {raw!r}")
-    return max(1, int(seconds * 1000))
+    TP_KERNELS_COMM_TIMEOUT seconds (tp_kernels.comm.base.comm_timeout_s, as the other communicators)."""
+    return max(1, int(comm_timeout_s(environ) * 1000))

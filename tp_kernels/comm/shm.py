@@ -8,7 +8,6 @@ a host is decided from their hostnames and kernel boot ids, gathered over the sa
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
@@ -16,15 +15,13 @@ import torch
 import torch.distributed as dist
 
 from tp_kernels._extension import _C
-from tp_kernels.distributed import Communicator
+from tp_kernels.comm.base import Communicator, comm_timeout_s
 
 if TYPE_CHECKING:
     from tp_kernels.distributed import TPGroup
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_ENV = "TP_KERNELS_COMM_TIMEOUT"
-DEFAULT_TIMEOUT_S = 60.0
 # Per rank and slot parity. Messages larger than a slot go in slot-sized steps. Small steps keep a step's
 # working set (the slots of both parities of every rank) inside the cores' caches while the input and
 # output stream through: with 2 ranks pinned to the 2 cores of the CI host, interleaved A/B runs measured
@@ -38,20 +35,6 @@ DEFAULT_SLOT_BYTES = 256 << 10
 # reads matter more at 4+ ranks.
 DEFAULT_ONE_SHOT_MAX_BYTES = 16 << 10
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def comm_timeout_s() -> float:
-    """The collective timeout in seconds: TP_KERNELS_COMM_TIMEOUT if set, else 60."""
-    raw = os.environ.get(TIMEOUT_ENV)
-    if raw is None or raw == "":
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
-    return value
 
 
 def host_id() -> Tuple[str, str]:
@@ -142,6 +125,15 @@ class ShmCommunicator(Communicator):
     def all_reduce(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The sum of x over the group, into out (contiguous, x's shape and dtype) or a new tensor."""
         return self._native.all_reduce(x.contiguous(), out)
+
+    def all_reduce_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if out.is_contiguous():  # reduces straight into out (out is x: in place); the native call checks overlap
+            return self._native.all_reduce(x if out is x else x.contiguous(), out)
+        return super().all_reduce_into(x, out)
+
+    @property
+    def native_cpu_communicator(self):
+        return self._native
 
     def allreduce_residual_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                    eps: float) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -107,7 +107,7 @@ class SymmetricBuffer:
         Collective over tp's process group (which must have a gloo backend: handles and segment
         invitations are Python objects). Raises SegmentError / SymmetricBufferError on every rank when
         any rank fails. register=True makes it the buffer `buffer_of(tp.name)` returns."""
-        from tp_kernels.comm.shm import comm_timeout_s
+        from tp_kernels.comm.base import comm_timeout_s
 
         device = torch.device("cpu") if device is None else torch.device(device)
         if device.type == "cuda" and device.index is None:

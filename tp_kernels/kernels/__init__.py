@@ -8,7 +8,9 @@
   `allgather_gemm`) over a group's symmetric buffers; their kernels in gemm_collective_reduce.py and
   gemm_collective_gather.py, the tile/signal protocol in gemm_collective_protocol.py, their configs in
   gemm_collective_configs.py, their AOT cases in gemm_collective_resources.py
-- configs.py: launch configs per GPU arch, dtype and M bucket
+- configs.py: launch configs per GPU arch, dtype and M bucket, and the split-K policy
+- launch.py: how a launcher starts a kernel (directly in eager mode, through wrap_triton only while a
+  tracer records) and the split-K arrival counters
 - resources.py: ahead-of-time compile of every config for sm_80/sm_90 and its registers, spills and
   shared memory (needs no GPU)
 

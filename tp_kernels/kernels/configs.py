@@ -11,8 +11,15 @@ Choices and the numbers behind them:
   compute-bound and 64-row tiles cut the re-reads of w.
 - Tile size. BLOCK_M * BLOCK_N <= 8192 with 4 warps (64 fp32 accumulators per thread): 128x128 with
   8 warps spilled 968 bytes of registers in the KV-cache epilogue on sm_80.
-- Decode tiles are narrow (BLOCK_N 32) because at M <= 16 the GEMM streams the weights, and the
-  bandwidth it gets grows with the number of programs: 32-column tiles give 4x the programs of 128.
+- Decode (M <= 16) streams the weights, and by Little's law the bandwidth it gets is the bytes in flight
+  over the memory latency, so what counts is how many programs run and how many bytes each keeps in
+  flight. qkv's decode tiles are 16 columns wide and 256 deep in K (16-bit; 128 for fp32, the same
+  bytes): 16 KB of weights per pipeline stage, against 4 KB for the 32x64 tile it replaced. Where the
+  tiles are still fewer than the SMs, K is split (split_k_for): Llama-70B at TP=8 (QKV N = 1280,
+  K = 8192) has 80 tiles of 16 columns; split in 2 they are 160 programs on 132 SMs (H100), where the
+  32-column tiles without split-K gave 40 (the 'split_k' flag of a config; qkv.py has the protocol).
+  The same holds past decode for TP-sized N: 128 tokens of that shape are 40 tiles of 64 x 64, 4 parts
+  of K make 160 programs (bench/qkv_rope.py --modeled: 16.7 -> 8.6 us modeled on an H100).
 - Shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K * element bytes; num_stages is the most
   that fit the arch's dynamic shared memory (sm_80 163 KB, sm_90 227 KB), capped at 4 (past 3-4
   stages the tutorials' K loops hide no more latency). With these tiles both archs get 4 stages, so
@@ -44,28 +51,31 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    split_k: bool = False  # K may be split across programs when the tiles are fewer than the SMs
 
     def __str__(self) -> str:
         return (f"BM{self.block_m}_BN{self.block_n}_BK{self.block_k}_w{self.num_warps}_s{self.num_stages}"
-                f"_g{self.group_m}")
+                f"_g{self.group_m}" + ("_splitk" if self.split_k else ""))
 
 
-def _make(arch: str, dtype_class: str, block_m: int, block_n: int) -> TileConfig:
-    block_k, element_bytes = (32, 4) if dtype_class == "fp32" else (64, 2)
+def _make(arch: str, dtype_class: str, block_m: int, block_n: int, block_k: int = 0,
+          split_k: bool = False) -> TileConfig:
+    default_block_k, element_bytes = (32, 4) if dtype_class == "fp32" else (64, 2)
+    block_k = block_k or default_block_k
     stage_bytes = (block_m + block_n) * block_k * element_bytes
     num_stages = max(2, min(4, SHARED_MEMORY_LIMIT[arch] // stage_bytes))
-    return TileConfig(block_m, block_n, block_k, num_warps=4, num_stages=num_stages)
+    return TileConfig(block_m, block_n, block_k, num_warps=4, num_stages=num_stages, split_k=split_k)
 
 
-# (BLOCK_M, BLOCK_N) per dtype class and M bucket. qkv's large tiles are 64x64 and fp32's mid/large
-# matmul tiles 64 columns wide because the 128-column ones spilled on sm_80 (qkv KV-cache epilogue:
-# 872 bytes at 64x128; fp32 matmul: 8 bytes at 32x128).
-QKV_TILES = {"16bit": {16: (16, 32), 64: (32, 64), None: (64, 64)},
-             "fp32": {16: (16, 32), 64: (32, 64), None: (64, 64)}}
+# (BLOCK_M, BLOCK_N[, BLOCK_K, split_k]) per dtype class and M bucket. qkv's large tiles are 64x64 and
+# fp32's mid/large matmul tiles 64 columns wide because the 128-column ones spilled on sm_80 (qkv KV-cache
+# epilogue: 872 bytes at 64x128; fp32 matmul: 8 bytes at 32x128).
+QKV_TILES = {"16bit": {16: (16, 16, 256, True), 64: (32, 64, 64, True), None: (64, 64, 64, True)},
+             "fp32": {16: (16, 16, 128, True), 64: (32, 64, 32, True), None: (64, 64, 32, True)}}
 MATMUL_TILES = {"16bit": {16: (16, 64), 64: (32, 128), None: (64, 128)},
                 "fp32": {16: (16, 64), 64: (32, 64), None: (64, 64)}}
-assert all(m * n <= MAX_TILE_ELEMENTS for table in (QKV_TILES, MATMUL_TILES) for by_bucket in table.values()
-           for m, n in by_bucket.values())
+assert all(tile[0] * tile[1] <= MAX_TILE_ELEMENTS for table in (QKV_TILES, MATMUL_TILES)
+           for by_bucket in table.values() for tile in by_bucket.values())
 
 # (arch, dtype class, M bucket) -> config
 QKV_CONFIGS: Dict[Tuple[str, str, object], TileConfig] = {
@@ -73,6 +83,31 @@ QKV_CONFIGS: Dict[Tuple[str, str, object], TileConfig] = {
 MATMUL_CONFIGS: Dict[Tuple[str, str, object], TileConfig] = {
     (arch, dc, mb): _make(arch, dc, *MATMUL_TILES[dc][mb])
     for arch in ARCHS for dc in DTYPE_CLASSES for mb in M_BUCKETS}
+
+# Split-K (decode configs with split_k set). SMs per GPU: A100 SXM4 108, H100 SXM5 132 (datasheets);
+# the CPU (interpreter) takes sm_80's. A split keeps at least MIN_K_BLOCKS_PER_SPLIT blocks of K, the
+# pipeline depth (num_stages 4): with fewer, a program's loop would be all pipeline fill.
+SM_COUNT = {"sm_80": 108, "sm_90": 132}
+MIN_K_BLOCKS_PER_SPLIT = 4
+MAX_SPLIT_K = 16
+
+
+def split_k_for(n_tiles: int, k: int, block_k: int, n_sms: int) -> int:
+    """How many parts to split K into for a launch of n_tiles output tiles: the smallest power of two
+    that gives every SM a program (n_tiles * split >= n_sms), as far as each part keeps
+    MIN_K_BLOCKS_PER_SPLIT blocks of K and the parts stay <= MAX_SPLIT_K. 1 when the tiles fill the SMs."""
+    k_blocks = -(-k // block_k)
+    split = 1
+    while (n_tiles * split < n_sms and split * 2 <= MAX_SPLIT_K
+           and k_blocks // (split * 2) >= MIN_K_BLOCKS_PER_SPLIT):
+        split *= 2
+    return split
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return SM_COUNT[arch_of(device)]
 
 
 def dtype_class(dtype: torch.dtype) -> str:

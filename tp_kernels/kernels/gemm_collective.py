@@ -23,7 +23,7 @@ from tp_kernels.comm.symmetric import SymmetricBuffer
 from tp_kernels.kernels.configs import TileConfig
 from tp_kernels.kernels.gemm_collective_configs import fused_config
 from tp_kernels.kernels.gemm_collective_gather import _allgather_gemm_kernel
-from tp_kernels.kernels.gemm_collective_reduce import (MODE_NAMES, ONE_SHOT, REDUCE_SCATTER, TWO_SHOT,
+from tp_kernels.kernels.gemm_collective_reduce import (MODE_NAMES, ONE_SHOT, REDUCE_SCATTER, TWO_SHOT,  # noqa: F401
                                                        _gemm_reduce_kernel)
 from tp_kernels.ops import checks
 

@@ -17,6 +17,9 @@ from typing import Iterator, List
 
 MAX_WORLD_BLOCK = 8  # lanes of the rank vectors at the largest group (symmetric.MAX_WORLD_SIZE)
 MODES = (("gemm_reduce_scatter", 0), ("gemm_all_reduce_two_shot", 1), ("gemm_all_reduce_one_shot", 2))
+# Ints a real launch does not see as multiples of 16 (a rank, the group size, rows per rank, the call's
+# signature): not hinted divisible, as the JIT would not specialize them so. N, K and the strides are.
+UNHINTED = ("rank", "world_size", "rows_per_owner", "M", "R", "n_publish", "signature")
 
 
 def _types(dtype_class: str) -> dict:
@@ -33,7 +36,7 @@ def _constants(dtype_class: str, config) -> dict:
 
 
 def cases() -> Iterator[tuple]:
-    """(kernel name, config string, arch, jit fn, types, constants, config), as resources.cases()."""
+    """(kernel name, config string, arch, jit fn, types, constants, unhinted, config), as resources.cases()."""
     from tp_kernels.kernels.gemm_collective_configs import FUSED_CONFIGS
     from tp_kernels.kernels.gemm_collective_gather import _allgather_gemm_kernel
     from tp_kernels.kernels.gemm_collective_reduce import _gemm_reduce_kernel
@@ -42,9 +45,9 @@ def cases() -> Iterator[tuple]:
         name = f"{dtype_class}_M<={m_bucket}_{config}"
         for kernel, mode in MODES:
             yield (kernel, name, arch, _gemm_reduce_kernel, _types(dtype_class),
-                   dict(_constants(dtype_class, config), MODE=mode, WORLD_BLOCK=MAX_WORLD_BLOCK), config)
+                   dict(_constants(dtype_class, config), MODE=mode, WORLD_BLOCK=MAX_WORLD_BLOCK), UNHINTED, config)
         yield ("allgather_gemm", name, arch, _allgather_gemm_kernel, _types(dtype_class),
-               _constants(dtype_class, config), config)
+               _constants(dtype_class, config), UNHINTED, config)
 
 
 def _compile_nth(index: int):

@@ -12,9 +12,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
-
 from tp_kernels.kernels import configs
+from tp_kernels.kernels.launch import kernel_for_launch
 from tp_kernels.kernels.tiling import accumulate_tile, grouped_tile_ids
 from tp_kernels.ops import checks
 
@@ -70,7 +69,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None
     config = configs.matmul_config(a.device, a.dtype, n_rows)
     grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(n_cols, config.block_n),)
     interpreting = a.device.type == "cpu"
-    wrap_triton(_matmul_kernel)[grid](
+    kernel_for_launch(_matmul_kernel)[grid](
         a, b, a if bias is None else bias.contiguous(), c,
         n_rows, n_cols, a.shape[1],
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),

@@ -26,12 +26,13 @@ def accumulate_tile(a_ptr, b_ptr, rows_a, rows_b, rows_b_valid, M, K,
                     UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The fp32 (BLOCK_M, BLOCK_N) tile A[rows_a, :] @ B[rows_b, :].T.
 
-    a_ptr: A (M, K); b_ptr: B (N, K), both any strides. rows_a (BLOCK_M,) are row indices of A (those
-    >= M read as zero); rows_b (BLOCK_N,) are row indices of B in any order, so a caller can lay out the
-    output columns as its epilogue needs (qkv.py pairs rotary partners); rows where rows_b_valid is
-    False read as zero. UPCAST_OPERANDS converts the operands to fp32 right after loading: Triton's
-    interpreter multiplies bf16 bit patterns in tl.dot (triton issue #11584), so it is set there;
-    on a GPU fp16/bf16 go to the tensor cores as they are.
+    a_ptr: A (M, K); b_ptr: B (N, K), both any strides (split-K passes pointers to the first column of
+    its part and the part's length as K). rows_a (BLOCK_M,) are row indices of A (those >= M read as
+    zero); rows_b (BLOCK_N,) are row indices of B in any order, so a caller can lay out the output
+    columns as its epilogue needs (qkv.py pairs rotary partners); rows where rows_b_valid is False read
+    as zero. UPCAST_OPERANDS converts the operands to fp32 right after loading: Triton's interpreter
+    multiplies bf16 bit patterns in tl.dot (triton issue #11584), so it is set there; on a GPU fp16/bf16
+    go to the tensor cores as they are.
     """
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)

@@ -219,7 +219,12 @@ class GPT(nn.Module):
         qkv = self.blocks[0].attn.qkv
         shape = (batch, max_seq, qkv.n_kv_heads_per_rank, qkv.head_dim)
         kw = dict(dtype=self.dtype, device=self.device)
-        return KVCache([torch.zeros(shape, **kw) for _ in self.blocks], [torch.zeros(shape, **kw) for _ in self.blocks])
+        cache = KVCache([torch.zeros(shape, **kw) for _ in self.blocks], [torch.zeros(shape, **kw) for _ in self.blocks])
+        # static addresses: torch.compile(mode="reduce-overhead") then keeps its CUDA graphs (written-to inputs
+        # that are not static make it skip them) and does not copy the caches into graph memory per call
+        for t in cache.k + cache.v:
+            torch._dynamo.mark_static_address(t)
+        return cache
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,

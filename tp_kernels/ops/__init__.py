@@ -17,7 +17,8 @@ from tp_kernels.distributed import TPGroup
 if _C is not None:
     from tp_kernels.ops import fake as _fake  # noqa: F401  (registers fake impls)
     from tp_kernels.ops import native as _native  # noqa: F401  (registers torch-native impls)
-    from tp_kernels.ops import overlap as _overlap  # noqa: F401  (registers the overlapped GEMM + collectives)
+    from tp_kernels.ops import overlap_cpu as _overlap_cpu  # noqa: F401  (registers the overlapped GEMM + collectives)
+    from tp_kernels.ops import overlap_cuda as _overlap_cuda  # noqa: F401  (their CUDA pipelines)
 
 GroupLike = Union[TPGroup, str]
 
@@ -49,7 +50,8 @@ def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: Optional[torch.Tensor]
 
     with n_q = n_heads_per_rank, n_kv = n_kv_heads_per_rank; rope_style "neox" rotates the two halves of
     the first rotary_dim features, "gptj" adjacent pairs, "none" skips it (cos_sin_cache may be None).
-    Returns q (T, n_q, head_dim), k and v (T, n_kv, head_dim), contiguous, in x's dtype.
+    Returns q (T, n_q, head_dim), k and v (T, n_kv, head_dim), contiguous, in x's dtype. A position of -1
+    marks a padding token and is rotated as position 0 (tp_kernels.reference.SKIP_POSITION).
     """
     require_extension()
     return torch.ops.tp_kernels.qkv_rope(x, w_qkv, b_qkv, cos_sin_cache, positions, n_heads_per_rank,
@@ -69,6 +71,10 @@ def qkv_rope_kv_cache(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: Optional[torc
         k_cache[cache_batch_index, positions] = k   # caches: (batch, max_seq, n_kv, head_dim)
         v_cache[cache_batch_index, positions] = v
         return q
+
+    except that a token at position -1 (a padding token of a CUDA-graph batch) writes nothing to the
+    caches. Other indices outside the caches raise on CPU; on a GPU, where a check would cost a device
+    sync per call, their k and v are written nowhere (tp_kernels.reference.SKIP_POSITION).
     """
     require_extension()
     return torch.ops.tp_kernels.qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin_cache, positions, cache_batch_index,
@@ -88,7 +94,7 @@ def gemm_allreduce(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor
 
     M is processed in `chunks` pieces so the reduction of one overlaps the GEMM of the next (CPU: on a
     communication thread; CUDA: on a communication stream); chunks=None lets the cost model
-    (tp_kernels.perfmodel.best_chunks) choose, 1 for decode-sized M. The result equals the unchunked one
+    (tp_kernels.perf.cost_model.best_chunks) choose, 1 for decode-sized M. The result equals the unchunked one
     up to the order of floating-point sums.
     """
     require_extension()
@@ -130,18 +136,20 @@ def allgather_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor
     return torch.ops.tp_kernels.allgather_gemm(x, w, bias, _group_name(tp), chunks)
 
 
-def all_reduce(x: torch.Tensor, tp: GroupLike, algo: str = "auto") -> torch.Tensor:
+def all_reduce(x: torch.Tensor, tp: GroupLike, backend: str = "auto") -> torch.Tensor:
     """The sum of x over the ranks of tp, as a new tensor (x is not modified).
 
     Plain PyTorch equivalent::
 
         y = x.clone(); torch.distributed.all_reduce(y, group=tp.process_group)
 
-    algo="auto" takes the first backend of the group's chain that applies; a backend name forces it.
-    fp16 and bf16 are accumulated in fp32; every rank gets the same bits.
+    backend="auto" takes the first backend of the group's chain that applies (inside
+    `tp.use_backend(name)`: that backend); a backend name ("shm", "torch", "ipc") asks for that one and
+    raises if it is not in the chain or cannot serve x. fp16 and bf16 are accumulated in fp32; every rank
+    gets the same bits.
     """
     require_extension()
-    return torch.ops.tp_kernels.all_reduce(x, _group_name(tp), algo)
+    return torch.ops.tp_kernels.all_reduce(x, _group_name(tp), backend)
 
 
 def all_gather(x: torch.Tensor, tp: GroupLike, dim: int = -1) -> torch.Tensor:

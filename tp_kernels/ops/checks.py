@@ -7,8 +7,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from tp_kernels.reference import ROPE_STYLES
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-ROPE_STYLES = ("neox", "gptj", "none")
 
 
 def check_dtype(name: str, t: torch.Tensor, allowed: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:

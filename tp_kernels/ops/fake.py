@@ -49,7 +49,7 @@ def _allgather_gemm_fake(x, w, bias, group, chunks=None):
 
 
 @torch.library.register_fake("tp_kernels::all_reduce")
-def _all_reduce_fake(x, group, algo="auto"):
+def _all_reduce_fake(x, group, backend="auto"):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

@@ -3,11 +3,13 @@
 
 The fused kernel is taken when the group has symmetric buffers on the input's device
 (`SymmetricBuffer.create(tp, device=...)`), the caller left `chunks` to the cost model, the call fits the
-buffer, and the cost model (`perfmodel.best_form`) says the fused form is at least as fast as the best
-chunk count. A group without symmetric buffers, or a caller who asks for chunks, gets the pipeline with
-no message (those are choices); anything else that keeps a group with buffers off the fused kernel logs a
-warning once per reason, saying why. Every rank reaches the same decision: it depends only on the
-arguments, which the ranks share, and on group-wide state.
+buffer, and the cost model (`cost_model.best_form`) says the fused form is at least as fast as the best
+chunk count. A group without symmetric buffers, a caller who asks for chunks, and a block of code under
+`tp.use_backend(...)` (which forces who serves the group's collectives) get the pipeline with no message
+(those are choices); anything else that keeps a group with buffers off the fused kernel logs a
+warning once per reason, saying why. Every rank reaches the same decision: it depends on group-wide state
+and on the arguments' shapes and dtype, the same on every rank when the shards are even (as the layers
+make them; the chunk pipeline's plan relies on the same).
 
 The CUDA implementations of the ops ask `fused_call`; the function itself is device-agnostic, which is how
 the CPU tests check it under the interpreter.
@@ -19,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from tp_kernels import calibration, perfmodel
+from tp_kernels.perf import calibration, cost_model
 from tp_kernels.comm import symmetric
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ def fused_reason(tp, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tens
         return "the group has no symmetric buffers"
     if chunks is not None:
         return f"chunks={chunks} was asked for"
+    if tp.forced_backend is not None:  # the chain decides who communicates: the fused kernel is not in it
+        return f"use_backend({tp.forced_backend!r}) forces the group's collectives"
     if buf.device != x.device:
         return _fallback(f"the group's symmetric buffers are on {buf.device}, the input on {x.device}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -67,8 +71,9 @@ def fused_reason(tp, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tens
     if reason is not None:
         return _fallback(f"{collective} of x {tuple(x.shape)}, w {tuple(w.shape)} {reason}")
     m, n, k = _gemm_shape(tp, x, w, collective)
-    form = perfmodel.best_form(m, n, k, tp.world_size, x.dtype, calibration.hardware_for(tp, x.device),
-                               collective)[0]
+    algo = kernels.MODE_NAMES[plan.mode] if collective == "all_reduce" else "two_shot"  # the launcher's pick
+    form = cost_model.best_form(m, n, k, tp.world_size, x.dtype, calibration.hardware_for(tp, x.device),
+                                collective, algo)[0]
     if form != "fused":
         return "the cost model prefers the chunk pipeline"
     return None

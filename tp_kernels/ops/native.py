@@ -3,7 +3,7 @@
 The math is tp_kernels.reference's; the communication is the TPGroup's backend chain. The same code is
 device-generic, so it is also registered for CUDA for the ops whose fused GPU kernels are not in yet
 (add_rmsnorm has its own CPU and CUDA kernels in csrc/; the overlapped GEMM + collective ops are in
-tp_kernels.ops.overlap). When a fused CUDA kernel lands, its registration
+tp_kernels.ops.overlap_cpu and overlap_cuda). When a fused CUDA kernel lands, its registration
 replaces the "cuda" entry here.
 """
 import torch
@@ -33,8 +33,8 @@ def _qkv_rope_kv_cache(x, w_qkv, b_qkv, cos_sin_cache, positions, cache_batch_in
     return q
 
 
-def _all_reduce(x, group, algo="auto"):
-    return resolve(group).all_reduce(x.contiguous(), algo)
+def _all_reduce(x, group, backend="auto"):
+    return resolve(group).all_reduce(x.contiguous(), backend)
 
 
 def _all_gather(x, group, dim):
@@ -44,7 +44,7 @@ def _all_gather(x, group, dim):
 def _allreduce_residual_rmsnorm(x, residual, weight, eps, group):
     checks.check_add_rmsnorm(x, residual, weight, eps)
     # the group's backend for x fuses the residual add and the norm into its reduction when it can (shm)
-    return resolve(group).communicator_for(x).allreduce_residual_rmsnorm(x.contiguous(), residual, weight, eps)
+    return resolve(group).allreduce_residual_rmsnorm(x.contiguous(), residual, weight, eps)
 
 
 # register_kernel used as a decorator returns None, so register after definition (the kv-cache variant

@@ -1,4 +1,4 @@
-"""The CUDA pipelines of the overlapped ops (tp_kernels.ops.overlap explains the design and why it is
+"""The CUDA pipelines of the overlapped ops (tp_kernels.ops.overlap_plan explains the design and why it is
 orchestrated from Python): chunk GEMMs on the current stream, collectives on a communication stream that
 waits for an event after each GEMM, the current stream waiting for the communication stream at the end.
 Stream waits and events only, no host synchronization, so every op here is capturable in a CUDA graph.
@@ -9,8 +9,9 @@ from typing import Dict
 
 import torch
 
-from tp_kernels.ops.overlap import (_add_bias_, _block_gemm, _chunk_gemm, _gather_rows, _reduce_rows_of_rank,
-                                    chunk_bounds, plan_allgather_gemm, plan_gemm_allreduce, plan_gemm_reduce_scatter)
+from tp_kernels.ops.overlap_plan import (add_bias_, block_gemm, chunk_bounds, chunk_gemm, gather_rows,
+                                         plan_allgather_gemm, plan_gemm_allreduce, plan_gemm_reduce_scatter,
+                                         reduce_rows_of_rank)
 
 _COMM_STREAMS: Dict[int, torch.cuda.Stream] = {}
 
@@ -47,9 +48,9 @@ def _gemm_allreduce_cuda(x, w, bias, group, chunks=None):
     out = x.new_empty((m, n))
     bounds = chunk_bounds(m, n_chunks)
     _reduce_pipeline(tp, [out[s:e] for s, e in bounds],
-                     [lambda s=s, e=e: _chunk_gemm(x[s:e], w) for s, e in bounds],
+                     [lambda s=s, e=e: chunk_gemm(x[s:e], w) for s, e in bounds],
                      lambda tp_, t: tp_.all_reduce(t))
-    return _add_bias_(out, bias)
+    return add_bias_(out, bias)
 
 
 def _gemm_reduce_scatter_cuda(x, w, bias, group, chunks=None):
@@ -58,9 +59,9 @@ def _gemm_reduce_scatter_cuda(x, w, bias, group, chunks=None):
     out = x.new_empty((rows_per_rank, n))
     bounds = chunk_bounds(rows_per_rank, n_chunks)
     _reduce_pipeline(tp, [out[s:e] for s, e in bounds],
-                     [lambda s=s, e=e: _block_gemm(x_blocks, w, s, e) for s, e in bounds],
-                     _reduce_rows_of_rank)
-    return _add_bias_(out, bias)
+                     [lambda s=s, e=e: block_gemm(x_blocks, w, s, e) for s, e in bounds],
+                     reduce_rows_of_rank)
+    return add_bias_(out, bias)
 
 
 def _allgather_gemm_cuda(x, w, bias, group, chunks=None):
@@ -74,7 +75,7 @@ def _allgather_gemm_cuda(x, w, bias, group, chunks=None):
     gathered = []
     with torch.cuda.stream(comm):  # every gather queued at once: chunk i+1 gathers while chunk i multiplies
         for start, stop in bounds:
-            chunk = _gather_rows(tp, x[start:stop])  # (p * rows, K)
+            chunk = gather_rows(tp, x[start:stop])  # (p * rows, K)
             done = torch.cuda.Event()
             done.record(comm)
             gathered.append((chunk, done))
@@ -82,5 +83,11 @@ def _allgather_gemm_cuda(x, w, bias, group, chunks=None):
     for (start, stop), (chunk, done) in zip(bounds, gathered):
         compute.wait_event(done)  # matches done.record above
         chunk.record_stream(compute)
-        out[:, start:stop] = _chunk_gemm(chunk, w, bias).view(p, stop - start, n)
+        out[:, start:stop] = chunk_gemm(chunk, w, bias).view(p, stop - start, n)
     return out.view(p * rows_per_rank, n)
+
+
+# register_kernel used as a decorator returns None, so register after definition
+for _op, _kernel in (("gemm_allreduce", _gemm_allreduce_cuda), ("gemm_reduce_scatter", _gemm_reduce_scatter_cuda),
+                     ("allgather_gemm", _allgather_gemm_cuda)):
+    torch.library.register_kernel(f"tp_kernels::{_op}", "cuda", _kernel)

@@ -9,8 +9,8 @@ calls Library.define with a schema inferred from Python), but these schemas are 
 registrations, and both public APIs also take an op defined elsewhere, so we make them ourselves:
 
 1. the CUDA kernel (`torch.library.register_kernel(op, "cuda", ...)`), which in eager mode launches the
-   kernel with wrap_triton's tracing switched off, as triton_op does (its higher-order-op dispatch
-   costs ~1 ms per call, torch/_library/triton.py);
+   kernel directly (tp_kernels.kernels.launch.kernel_for_launch: wrap_triton's higher-order-op dispatch
+   cost ~330 us of host time per call);
 2. a torch_dispatch rule for FunctionalTensorMode (`torch.library.register_torch_dispatch`): while
    AOTAutograd functionalizes a graph for torch.compile, the op is replaced by the launcher, whose
    `wrap_triton(kernel)[grid](...)` call is traced as a triton_kernel_wrapper_functional node that
@@ -18,13 +18,19 @@ registrations, and both public APIs also take an op defined elsewhere, so we mak
    triton_op (custom_triton_ops_decomposition_disabled). CPU inputs keep the op opaque: their
    implementation is the torch-native one, and traced triton kernels need CUDA tensors.
 
+A third thing triton_op does is to list an op's kernels in torch._library.triton.triton_ops_to_kernels,
+which the AOTAutograd cache key reads (the kernels' source and the globals they use): without it a warm
+cache would serve a graph compiled from an older kernel. We list the kernel and qkv._launch_code_key,
+whose LAUNCH_CODE_DIGEST hashes the Python that picks a launch (configs.py, the launcher), so an edit of
+a config changes the key too.
+
 The launchers take fp16, bf16 and fp32; float64 inputs run the torch-native implementation instead,
 with a warning once.
 """
 import warnings
 
 import torch
-from torch._library.triton import set_wrap_triton_enabled
+import torch._library.triton
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from tp_kernels.kernels import qkv
@@ -51,13 +57,6 @@ _qkv_rope = _triton_or_native(qkv.qkv_rope, native._qkv_rope)
 _qkv_rope_kv_cache = _triton_or_native(qkv.qkv_rope_kv_cache, native._qkv_rope_kv_cache)
 
 
-def _eager(impl):
-    def run(*args):
-        with set_wrap_triton_enabled(False):
-            return impl(*args)
-    return run
-
-
 def _decompose_cuda_calls(impl):
     """The FunctionalTensorMode rule: trace CUDA calls into their Triton kernel (see the module docstring)."""
 
@@ -72,6 +71,19 @@ def _decompose_cuda_calls(impl):
     return rule
 
 
+def _list_kernels_for_the_cache_key(name, kernels):
+    """What triton_op does for the AOTAutograd cache key (module docstring). A private table of torch's:
+    where a torch version lacks it, say so once rather than fail the import."""
+    table = getattr(torch._library.triton, "triton_ops_to_kernels", None)
+    if isinstance(table, dict):
+        table[name] = kernels
+    elif name == "tp_kernels::qkv_rope":
+        warnings.warn(f"torch {torch.__version__} has no torch._library.triton.triton_ops_to_kernels: torch.compile's "
+                      "cache key will not cover tp_kernels' Triton kernels; clear the compile cache "
+                      "(TORCHINDUCTOR_CACHE_DIR) after editing them", RuntimeWarning, stacklevel=2)
+
+
 for _name, _impl in (("tp_kernels::qkv_rope", _qkv_rope), ("tp_kernels::qkv_rope_kv_cache", _qkv_rope_kv_cache)):
-    torch.library.register_kernel(_name, "cuda", _eager(_impl))
+    torch.library.register_kernel(_name, "cuda", _impl)
     torch.library.register_torch_dispatch(_name, FunctionalTensorMode, _decompose_cuda_calls(_impl))
+    _list_kernels_for_the_cache_key(_name, [qkv._qkv_rope_kernel, qkv._launch_code_key])

@@ -1,11 +1,13 @@
-"""GEMMs overlapped with their collectives: gemm_allreduce, gemm_reduce_scatter, allgather_gemm.
+"""GEMMs overlapped with their collectives (gemm_allreduce, gemm_reduce_scatter, allgather_gemm): what the CPU
+pipeline (tp_kernels.ops.overlap_cpu) and the CUDA pipeline (tp_kernels.ops.overlap_cuda) share, the argument
+checks, the chunk plan and the per-chunk steps; each pipeline imports this module and nothing of the other.
 
 Each op splits the token dimension M into chunks and pipelines them, so the collective of one chunk runs
 while the GEMM of another is computed. The result equals the unchunked op up to the order of
 floating-point sums; the bias is added once, after the reduction.
 
 CPU: the calling thread computes the GEMMs; the group's persistent communication thread
-(tp_kernels.ops.comm_thread, whose docstring states the invariant that keeps its collectives and the
+(tp_kernels.comm.thread, whose docstring states the invariant that keeps its collectives and the
 calling thread's apart) runs the collectives through the group's chain (tp.all_reduce, tp.all_gather).
 CUDA: the GEMMs run on the current (compute) stream, the collectives on a per-device communication
 stream that waits for an event after each chunk's GEMM; the compute stream waits for the communication
@@ -32,9 +34,9 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from tp_kernels import calibration, perfmodel
 from tp_kernels.distributed import TPGroup, resolve
-from tp_kernels.ops import checks, comm_thread
+from tp_kernels.ops import checks
+from tp_kernels.perf import calibration, cost_model
 
 
 def _triton_matmul():
@@ -49,7 +51,7 @@ def _triton_matmul():
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _chunk_gemm(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+def chunk_gemm(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
     """One chunk's GEMM: x (rows, K) @ w (N, K).T + bias -> (rows, N). On CUDA the Triton GEMM (its
     decode-sized tiles do not waste a 128-row tile on a small chunk); on CPU, and for float64, torch's."""
     if x.is_cuda and x.dtype in _TRITON_DTYPES:
@@ -57,6 +59,13 @@ def _chunk_gemm(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
         if matmul is not None:
             return matmul(x, w, bias)
     return F.linear(x, w, bias)
+
+
+def block_gemm(x_blocks: torch.Tensor, w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of every rank's block: x_blocks (p, M / p, K) -> (p, stop - start, N)."""
+    p, _, k = x_blocks.shape
+    rows = x_blocks[:, start:stop].reshape(p * (stop - start), k)  # (p * rows, K), a copy unless one block
+    return chunk_gemm(rows, w).view(p, stop - start, w.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,52 +84,27 @@ def plan_chunks(chunks, tp: TPGroup, x: torch.Tensor, m: int, n: int, k: int, n_
         if tp.world_size == 1 or n_rows <= 1:
             return 1  # no collective to hide / nothing to split
         hw = calibration.hardware_for(tp, x.device)
-        chunks = perfmodel.best_chunks(m, n, k, tp.world_size, x.dtype, hw, collective)
+        chunks = cost_model.best_chunks(m, n, k, tp.world_size, x.dtype, hw, collective)
     return max(1, min(chunks, n_rows))
 
 
-def _reduce_rows_of_rank(tp: TPGroup, partial: torch.Tensor) -> torch.Tensor:
+def reduce_rows_of_rank(tp: TPGroup, partial: torch.Tensor) -> torch.Tensor:
     """partial (p, rows, N) -> the sum over the group of block tp.rank: (rows, N)."""
     return tp.all_reduce(partial)[tp.rank]
 
 
-def _gather_rows(tp: TPGroup, x_chunk: torch.Tensor) -> torch.Tensor:
+def gather_rows(tp: TPGroup, x_chunk: torch.Tensor) -> torch.Tensor:
     return tp.all_gather(x_chunk.contiguous(), 0)  # (p * rows, K), rank 0's rows first
 
 
-def _add_bias_(out: torch.Tensor, bias) -> torch.Tensor:
+def add_bias_(out: torch.Tensor, bias) -> torch.Tensor:
     if bias is not None:
         out += bias  # once, after the reduction: every rank holds the full bias
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CPU: communication thread
-# ----------------------------------------------------------------------------------------------------------
-def _pipeline_cpu(tp: TPGroup, jobs, collective, after) -> list:
-    """Run the chunks' GEMMs on this thread and their collectives on the group's communication thread.
-    jobs is a list of zero-argument GEMMs (reductions: GEMM first, then the collective of its output) or
-    of collective arguments (gathers: collective first, then `after` computes on its result)."""
-    futures = []
-    try:
-        if after is None:  # GEMM -> collective: chunk i's collective runs while chunk i+1's GEMM does
-            for gemm in jobs:
-                futures.append(comm_thread.submit(tp, collective, tp, gemm()))
-            return comm_thread.wait_all(futures)
-        # collective -> GEMM: every gather is queued at once; chunk i's GEMM runs while chunk i+1 gathers
-        for arg in jobs:
-            futures.append(comm_thread.submit(tp, collective, tp, arg))
-        results = []
-        for i, future in enumerate(futures):
-            results.append(after(i, future.result()))
-        return results
-    except BaseException:
-        comm_thread.drain(futures)  # keep the invariant: nothing of ours runs on when we return
-        raise
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checks and chunk plan of each op, shared by the CPU and CUDA pipelines
+# checks and chunk plan of each op
 # ----------------------------------------------------------------------------------------------------------
 def plan_gemm_allreduce(x, w, bias, group, chunks):
     """Check the arguments; (tp, number of chunks)."""
@@ -147,59 +131,3 @@ def plan_allgather_gemm(x, w, bias, group, chunks):
     tp = resolve(group)
     rows_per_rank, k = x.shape
     return tp, plan_chunks(chunks, tp, x, tp.world_size * rows_per_rank, w.shape[0], k, rows_per_rank, "all_gather")
-
-
-def _gemm_allreduce_cpu(x, w, bias, group, chunks=None):
-    tp, n_chunks = plan_gemm_allreduce(x, w, bias, group, chunks)
-    m = x.shape[0]
-    if n_chunks == 1:
-        return _add_bias_(tp.all_reduce(_chunk_gemm(x, w)), bias)
-    jobs = [lambda s=start, e=stop: _chunk_gemm(x[s:e], w) for start, stop in chunk_bounds(m, n_chunks)]
-    reduced = _pipeline_cpu(tp, jobs, lambda tp_, t: tp_.all_reduce(t), None)
-    return _add_bias_(torch.cat(reduced), bias)  # (M, N)
-
-
-def _gemm_reduce_scatter_cpu(x, w, bias, group, chunks=None):
-    tp, x_blocks, n_chunks = plan_gemm_reduce_scatter(x, w, bias, group, chunks)
-    rows_per_rank = x_blocks.shape[1]
-    if n_chunks == 1:
-        rows = _reduce_rows_of_rank(tp, _block_gemm(x_blocks, w, 0, rows_per_rank))  # a view into all p blocks
-        return rows + bias if bias is not None else rows.clone()  # own storage, as the fake impl promises
-    jobs = [lambda s=start, e=stop: _block_gemm(x_blocks, w, s, e)
-            for start, stop in chunk_bounds(rows_per_rank, n_chunks)]
-    reduced = _pipeline_cpu(tp, jobs, _reduce_rows_of_rank, None)
-    return _add_bias_(torch.cat(reduced), bias)  # (M / p, N)
-
-
-def _block_gemm(x_blocks: torch.Tensor, w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of every rank's block: x_blocks (p, M / p, K) -> (p, stop - start, N)."""
-    p, _, k = x_blocks.shape
-    rows = x_blocks[:, start:stop].reshape(p * (stop - start), k)  # (p * rows, K), a copy unless one block
-    return _chunk_gemm(rows, w).view(p, stop - start, w.shape[0])
-
-
-def _allgather_gemm_cpu(x, w, bias, group, chunks=None):
-    tp, n_chunks = plan_allgather_gemm(x, w, bias, group, chunks)
-    rows_per_rank, n, p = x.shape[0], w.shape[0], tp.world_size
-    if n_chunks == 1:
-        return _chunk_gemm(_gather_rows(tp, x), w, bias)
-    out = x.new_empty((p, rows_per_rank, n))  # (p, M / p, N): block r <- rank r's input rows
-    bounds = chunk_bounds(rows_per_rank, n_chunks)
-
-    def compute(i, gathered):  # gathered (p * rows, K)
-        start, stop = bounds[i]
-        out[:, start:stop] = _chunk_gemm(gathered, w, bias).view(p, stop - start, n)
-
-    _pipeline_cpu(tp, [x[start:stop] for start, stop in bounds], _gather_rows, compute)
-    return out.view(p * rows_per_rank, n)
-
-
-# register_kernel used as a decorator returns None, so register after definition. The CUDA kernels are
-# imported here so that one import registers both devices.
-from tp_kernels.ops import overlap_cuda as _cuda  # noqa: E402
-
-for _op, _cpu, _gpu in (("gemm_allreduce", _gemm_allreduce_cpu, _cuda._gemm_allreduce_cuda),
-                        ("gemm_reduce_scatter", _gemm_reduce_scatter_cpu, _cuda._gemm_reduce_scatter_cuda),
-                        ("allgather_gemm", _allgather_gemm_cpu, _cuda._allgather_gemm_cuda)):
-    torch.library.register_kernel(f"tp_kernels::{_op}", "cpu", _cpu)
-    torch.library.register_kernel(f"tp_kernels::{_op}", "cuda", _gpu)

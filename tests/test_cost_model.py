@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from tp_kernels import perfmodel
-from tp_kernels.perfmodel import HARDWARE, best_chunks, pipeline_time_s
+from tp_kernels.perf import cost_model
+from tp_kernels.perf.cost_model import HARDWARE, best_chunks, pipeline_time_s
 
 SHAPES = [(8192, 1024), (8192, 3584), (4096, 4096), (512, 64)]  # (N, K per rank)
 # A CPU-like host where the collective cannot overlap the GEMM, and one where it is slow and overlaps
@@ -15,7 +15,7 @@ SLOW_LINK = dataclasses.replace(HARDWARE["A100"], name="slow-link", link_gbps=20
 HWS = [HARDWARE["H100"], HARDWARE["A100"], HARDWARE["H800"], NO_OVERLAP, SLOW_LINK]
 
 
-@pytest.mark.parametrize("collective", perfmodel.COLLECTIVES)
+@pytest.mark.parametrize("collective", cost_model.COLLECTIVES)
 def test_one_row_is_one_chunk(collective):
     for hw in HWS:
         for n, k in SHAPES:
@@ -23,7 +23,7 @@ def test_one_row_is_one_chunk(collective):
                 assert best_chunks(1, n, k, world_size, torch.bfloat16, hw, collective) == 1
 
 
-@pytest.mark.parametrize("collective", perfmodel.COLLECTIVES)
+@pytest.mark.parametrize("collective", cost_model.COLLECTIVES)
 def test_choice_never_decreases_with_m(collective):
     for hw in HWS:
         for n, k in SHAPES:
@@ -31,7 +31,7 @@ def test_choice_never_decreases_with_m(collective):
                 choices = [best_chunks(m, n, k, 8, dtype, hw, collective) for m in range(1, 1200, 7)]
                 choices += [best_chunks(m, n, k, 8, dtype, hw, collective) for m in (2048, 4096, 8192, 16384)]
                 assert choices == sorted(choices), (hw.name, n, k, dtype, choices)
-                assert all(1 <= c <= perfmodel.MAX_CHUNKS for c in choices)
+                assert all(1 <= c <= cost_model.MAX_CHUNKS for c in choices)
 
 
 def test_one_rank_and_no_overlap_give_one_chunk():
@@ -46,18 +46,18 @@ def test_h100_chunks_large_m_and_not_decode():
     assert best_chunks(8192, 8192, 1024, 8, torch.bfloat16, hw) > 1
     seq = pipeline_time_s(8192, 8192, 1024, 8, torch.bfloat16, hw, 1)
     best = min(pipeline_time_s(8192, 8192, 1024, 8, torch.bfloat16, hw, c) for c in range(1, 9))
-    bound = perfmodel.overlap_bound_s(8192, 8192, 1024, 8, torch.bfloat16, hw)
+    bound = cost_model.overlap_bound_s(8192, 8192, 1024, 8, torch.bfloat16, hw)
     assert bound <= best < seq
 
 
 def test_one_chunk_is_gemm_plus_collective():
     hw = HARDWARE["A100"]
     m, n, k = 300, 1024, 512
-    g = perfmodel.gemm_time_s(m, n, k, torch.float16, hw)
-    c = perfmodel.collective_time_s(m * n * 2, 4, hw, "all_reduce")
+    g = cost_model.gemm_time_s(m, n, k, torch.float16, hw)
+    c = cost_model.collective_time_s(m * n * 2, 4, hw, "all_reduce")
     assert pipeline_time_s(m, n, k, 4, torch.float16, hw, 1) == pytest.approx(g + c, rel=1e-12)
     # an all-reduce sends twice the bytes of a reduce-scatter
-    rs = perfmodel.collective_time_s(m * n * 2, 4, hw, "reduce_scatter")
+    rs = cost_model.collective_time_s(m * n * 2, 4, hw, "reduce_scatter")
     lat = hw.link_latency_us * 1e-6
     assert c - lat == pytest.approx(2 * (rs - lat), rel=1e-12)
 

@@ -8,7 +8,7 @@ row of `dim` values, 8-16 KB) is almost all latency. So
     step = (weight bytes + KV-cache bytes per GPU) / HBM bandwidth + 2 * n_layers * all-reduce time
 
 with the all-reduce either NCCL's ring (latency from NCCL's own tuning model) or a one-shot custom
-all-reduce over NVLink IPC buffers (tp_kernels.perfmodel.HARDWARE's link latency). The model leaves out
+all-reduce over NVLink IPC buffers (tp_kernels.perf.cost_model.HARDWARE's link latency). The model leaves out
 kernel launches (CUDA graphs remove most), attention math and the sampling step, so its tokens/s is an
 upper bound; the measured gpt-fast figures show how close a real implementation gets.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tp_kernels.models.config import ModelArgs
-from tp_kernels.perfmodel import Hardware
+from tp_kernels.perf.cost_model import Hardware
 
 # NCCL's latency model for a small all-reduce with the Ring algorithm and the LL protocol (what it picks
 # at 8-16 KB within one NVLink node), from NCCL's src/graph/tuning.cc: base latency 6.6 us per call

@@ -21,13 +21,13 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from tp_kernels import perfmodel
+from tp_kernels.perf import cost_model
 from tp_kernels.distributed import TPGroup
-from tp_kernels.ops import comm_thread
+from tp_kernels.comm import thread as comm_thread
 
 log = logging.getLogger(__name__)
 
-_HARDWARE: "weakref.WeakKeyDictionary[TPGroup, perfmodel.Hardware]" = weakref.WeakKeyDictionary()
+_HARDWARE: "weakref.WeakKeyDictionary[TPGroup, cost_model.Hardware]" = weakref.WeakKeyDictionary()
 _WARNED_GPUS = set()
 CACHE_ENV = "TP_KERNELS_CACHE_DIR"
 # Sizes of the calibration: a GEMM of 2 * 64 * 256 * 256 = 8 MFLOP (4 ms in fp32 on one loaded core at
@@ -44,18 +44,18 @@ def cache_dir() -> str:
     return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "tp_kernels")
 
 
-def set_hardware(tp: TPGroup, hw: Optional[perfmodel.Hardware]) -> None:
-    """Plan tp's overlap ops with hw (e.g. a GPU of perfmodel.HARDWARE, or constants of your own); None
+def set_hardware(tp: TPGroup, hw: Optional[cost_model.Hardware]) -> None:
+    """Plan tp's overlap ops with hw (e.g. a GPU of cost_model.HARDWARE, or constants of your own); None
     goes back to the default (datasheet or calibration). Call it on every rank with the same hw."""
     if hw is None:
         _HARDWARE.pop(tp, None)
         return
-    if not isinstance(hw, perfmodel.Hardware):
-        raise TypeError(f"hw must be a tp_kernels.perfmodel.Hardware or None, got {type(hw).__name__}")
+    if not isinstance(hw, cost_model.Hardware):
+        raise TypeError(f"hw must be a tp_kernels.perf.cost_model.Hardware or None, got {type(hw).__name__}")
     _HARDWARE[tp] = hw
 
 
-def hardware_for(tp: TPGroup, device: torch.device) -> perfmodel.Hardware:
+def hardware_for(tp: TPGroup, device: torch.device) -> cost_model.Hardware:
     """The constants tp's ops plan with on device: set_hardware's, else the datasheet of a known GPU,
     else (CPU) a calibration of this host, measured now on first use (collective) or read from cache."""
     hw = _HARDWARE.get(tp)
@@ -69,16 +69,16 @@ def hardware_for(tp: TPGroup, device: torch.device) -> perfmodel.Hardware:
     return hw
 
 
-def _gpu_hardware(device: torch.device) -> perfmodel.Hardware:
+def _gpu_hardware(device: torch.device) -> cost_model.Hardware:
     name = torch.cuda.get_device_name(device)
-    for key, hw in perfmodel.HARDWARE.items():
+    for key, hw in cost_model.HARDWARE.items():
         if key in name:
             return hw
     if name not in _WARNED_GPUS:
         _WARNED_GPUS.add(name)
         log.warning("tp_kernels: no constants for GPU %r; overlap chunk counts are planned with the H100's. "
-                    "Give yours with tp_kernels.calibration.set_hardware(tp, Hardware(...)).", name)
-    return perfmodel.HARDWARE["H100"]
+                    "Give yours with tp_kernels.perf.calibration.set_hardware(tp, Hardware(...)).", name)
+    return cost_model.HARDWARE["H100"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def _write_cache(path: str, figures: Dict[str, float]) -> None:
     os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
 
 
-def calibrate_cpu(tp: TPGroup, force: bool = False) -> perfmodel.Hardware:
+def calibrate_cpu(tp: TPGroup, force: bool = False) -> cost_model.Hardware:
     """The CPU Hardware of this host for tp, identical on every rank. Collective: call it on every rank.
 
     Rank 0's cached figures are used when it has them (and force is False); otherwise every rank
@@ -183,4 +183,4 @@ def calibrate_cpu(tp: TPGroup, force: bool = False) -> perfmodel.Hardware:
         source = (f"calibrated on {socket.gethostname()} at {time.strftime('%Y-%m-%d %H:%M:%S')} "
                   f"(mean of {tp.world_size} ranks)")
         log.info("tp_kernels: calibrated the overlap cost model of group %s: %s", tp.name, figures)
-    return perfmodel.Hardware(name=f"cpu:{socket.gethostname()}", source=source, **figures)
+    return cost_model.Hardware(name=f"cpu:{socket.gethostname()}", source=source, **figures)

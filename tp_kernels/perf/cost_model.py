@@ -3,9 +3,9 @@ overlapped GEMM + collective ops.
 
 Everything this module returns is *modeled*, never measured; benchmark rows built from it say so. A
 `Hardware` is either one of the GPUs of `HARDWARE` (datasheet constants) or calibrated on the running
-machine by tp_kernels.calibration (a short measurement, cached).
+machine by tp_kernels.perf.calibration (a short measurement, cached).
 
-Pipeline model of an op that splits M into k chunks (tp_kernels.ops.overlap): each chunk is a GEMM of
+Pipeline model of an op that splits M into k chunks (tp_kernels.ops.overlap_plan): each chunk is a GEMM of
 about M/k rows, g(k), and a collective of its rows, c(k) = alpha + algorithm bytes / link bandwidth.
 The first GEMM cannot overlap anything (pipeline fill), nor can the last collective (drain); in between,
 k - 1 stages each last max(g, c) plus the part of min(g, c) that the hardware cannot run concurrently:
@@ -168,12 +168,53 @@ def best_chunks(m: int, n: int, k: int, world_size: int, dtype: torch.dtype, hw:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Latency-bound streaming (decode GEMMs): Little's law
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryLatency:
+    """What bounds a kernel that streams its operands with few loads in flight: by Little's law it moves
+    (bytes in flight) / (memory latency) per second, whatever the HBM peak."""
+
+    sm_count: int
+    dram_latency_ns: float  # loaded latency of a global load that misses L2
+    source: str
+
+
+# SM counts: datasheets (H100 SXM5 132, A100 SXM4 108; H800 SXM5 as H100). The latency is an assumption,
+# not a measurement: 700 ns, the figure behind issue 18's estimate for the old decode tiles (40 programs
+# x ~12 KB in flight -> ~0.7 TB/s); idle pointer-chase latencies are lower, a loaded memory system's higher.
+MEMORY_LATENCY = {
+    "H100-SXM5-80GB": MemoryLatency(132, 700.0, "H100 datasheet (132 SMs); latency 700 ns assumed"),
+    "H800-SXM5-80GB": MemoryLatency(132, 700.0, "as H100 SXM5; latency 700 ns assumed"),
+    "A100-SXM4-80GB": MemoryLatency(108, 700.0, "A100 datasheet (108 SMs); latency 700 ns assumed"),
+}
+
+
+def streaming_bandwidth_gbps(n_programs: int, bytes_in_flight_per_program: float, hw: Hardware,
+                             programs_per_sm: int = 1) -> float:
+    """The bandwidth a kernel of n_programs reaches when each keeps bytes_in_flight_per_program of
+    loads outstanding: resident programs x bytes in flight / latency, at most the HBM peak. At most
+    programs_per_sm programs run on an SM at once (shared memory and registers decide)."""
+    latency = MEMORY_LATENCY[hw.name]
+    resident = min(n_programs, latency.sm_count * programs_per_sm)
+    little = resident * bytes_in_flight_per_program / (latency.dram_latency_ns * 1e-9) / 1e9
+    return min(hw.hbm_gbps, little)
+
+
+def latency_bound_time_s(flops: float, bytes_moved: float, n_programs: int, bytes_in_flight_per_program: float,
+                         hw: Hardware, dtype: torch.dtype = torch.bfloat16, programs_per_sm: int = 1) -> float:
+    """roofline_time_s with the memory term at streaming_bandwidth_gbps instead of the HBM peak: the
+    floor when enough bytes are in flight, longer when too few programs keep too few loads outstanding."""
+    peak_tflops = hw.tflops_fp32 if dtype == torch.float32 else hw.tflops_bf16
+    bandwidth = streaming_bandwidth_gbps(n_programs, bytes_in_flight_per_program, hw, programs_per_sm)
+    return max(flops / (peak_tflops * 1e12), bytes_moved / (bandwidth * 1e9))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # fused GEMM + collective (tp_kernels/kernels/gemm_collective*.py): one kernel, tile-level overlap
 # ----------------------------------------------------------------------------------------------------------
-# Streaming multiprocessors per GPU (datasheets: H100 SXM5 132, A100 SXM4 108, H800 SXM5 132). A GPU not
-# listed (or a calibrated CPU host) counts as one "SM": every tile in its own wave.
-SMS = {"H100-SXM5-80GB": 132, "A100-SXM4-80GB": 108, "H800-SXM5-80GB": 132}
 FORMS = ("pipeline", "fused")
+FUSED_ALGOS = ("one_shot", "two_shot")
 
 
 def _fused_tile(m_rows: int, dtype: torch.dtype):
@@ -185,7 +226,7 @@ def _fused_tile(m_rows: int, dtype: torch.dtype):
 
 
 def fused_time_s(m: int, n: int, k: int, world_size: int, dtype: torch.dtype, hw: Hardware,
-                 collective: str = "all_reduce") -> float:
+                 collective: str = "all_reduce", algo: str = "two_shot") -> float:
     """Modeled time of the fused kernel for this rank's GEMM (m, k) x (k, n) and `collective`.
 
     One launch; the output tiles run in W waves of one tile per SM. A wave's tiles go to their owners
@@ -195,16 +236,17 @@ def fused_time_s(m: int, n: int, k: int, world_size: int, dtype: torch.dtype, hw
         T = g + (W - 1) * (max(g, c) + (1 - overlap_efficiency) * min(g, c)) / W + c / W + phases * L
 
     g is the GEMM's roofline time with its one launch, c the collective's bytes over the link, L the
-    latency of one signal round, paid once per phase the protocol waits: the all-reduce is one-shot
-    (every rank pulls (p - 1) partials: one phase) or two-shot (2 (p - 1) / p of the bytes, two phases)
-    by the CUDA IPC all-reduce's rule (ipc_plan.choose_algorithm), as the kernel's launcher picks.
+    latency of one signal round, paid once per phase the protocol waits: the all-reduce (algo) is
+    "one_shot" (every rank pulls (p - 1) partials: one phase) or "two_shot" (2 (p - 1) / p of the bytes,
+    two phases); the kernel's launcher picks by the CUDA IPC all-reduce's rule (ipc_plan.choose_algorithm,
+    which callers pass on: this module cannot import ipc_plan, which imports it).
     The chunk pipeline is the same formula with W = k chunks plus, per chunk, a launch, a weight re-read
     and a collective latency. Both forms' collectives are modeled link-bound (their HBM traffic, alike
     in both, is left out)."""
-    from tp_kernels.comm import ipc_plan  # imports this module
-
     if collective not in COLLECTIVES:
         raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+    if algo not in FUSED_ALGOS:
+        raise ValueError(f"algo must be one of {FUSED_ALGOS}, got {algo!r}")
     g = gemm_time_s(m, n, k, dtype, hw)
     if world_size <= 1:
         return g
@@ -212,23 +254,27 @@ def fused_time_s(m: int, n: int, k: int, world_size: int, dtype: torch.dtype, hw
     c = collective_time_s(payload, world_size, hw, collective) - hw.link_latency_us * 1e-6  # bandwidth part
     phases = 1
     if collective == "all_reduce":
-        if ipc_plan.choose_algorithm(payload, world_size, hw) == ipc_plan.ONE_SHOT:
+        if algo == "one_shot":
             c = (world_size - 1) * payload / (hw.link_gbps * 1e9)
         else:
             phases = 2
     rows = m if collective == "all_gather" else -(-m // world_size)  # rows of a tile's block
     block_m, block_n = _fused_tile(rows, dtype)
     tiles = -(-m // block_m) * -(-n // block_n)
-    waves = max(1, -(-tiles // SMS.get(hw.name, 1)))
+    # one tile per SM and wave (SM counts: MEMORY_LATENCY); a hardware without an entry (a calibrated CPU
+    # host) runs every tile in its own wave
+    sms = MEMORY_LATENCY[hw.name].sm_count if hw.name in MEMORY_LATENCY else 1
+    waves = max(1, -(-tiles // sms))
     stage = max(g, c) + (1.0 - hw.overlap_efficiency) * min(g, c)
     return g / waves + (waves - 1) * stage / waves + c / waves + phases * hw.link_latency_us * 1e-6
 
 
 def best_form(m: int, n: int, k: int, world_size: int, dtype: torch.dtype, hw: Hardware,
-              collective: str = "all_reduce"):
-    """(form, chunks, modeled seconds): the fused kernel or the chunk pipeline with its best chunk count,
-    whichever the model says is faster (ties go to the fused kernel: one launch)."""
+              collective: str = "all_reduce", algo: str = "two_shot"):
+    """(form, chunks, modeled seconds): the fused kernel (its all-reduce algo as in fused_time_s) or the
+    chunk pipeline with its best chunk count, whichever the model says is faster (ties go to the fused
+    kernel: one launch)."""
     chunks = best_chunks(m, n, k, world_size, dtype, hw, collective)
     pipeline = pipeline_time_s(m, n, k, world_size, dtype, hw, chunks, collective)
-    fused = fused_time_s(m, n, k, world_size, dtype, hw, collective)
+    fused = fused_time_s(m, n, k, world_size, dtype, hw, collective, algo)
     return ("fused", 1, fused) if fused <= pipeline else ("pipeline", chunks, pipeline)

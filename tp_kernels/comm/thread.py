@@ -1,6 +1,6 @@
 """One persistent communication thread per TPGroup, for the CPU overlap pipelines.
 
-A pipeline (tp_kernels.ops.overlap) computes chunk i+1's GEMM on the calling thread while this thread
+A pipeline (tp_kernels.ops.overlap_cpu) computes chunk i+1's GEMM on the calling thread while this thread
 runs chunk i's collective. One worker per group, fed in FIFO order, so every rank issues the group's
 collectives in the same order as the others do.
 
@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, List, Sequence
+from typing import TYPE_CHECKING, Callable, List, Sequence
 
-from tp_kernels.distributed import TPGroup
+if TYPE_CHECKING:
+    from tp_kernels.distributed import TPGroup
 
 _THREADS: "weakref.WeakKeyDictionary[TPGroup, ThreadPoolExecutor]" = weakref.WeakKeyDictionary()
 
 
-def for_group(tp: TPGroup) -> ThreadPoolExecutor:
+def for_group(tp: "TPGroup") -> ThreadPoolExecutor:
     """The group's communication thread (a one-worker executor), started on first use and shut down
     when the TPGroup is garbage-collected."""
     executor = _THREADS.get(tp)
@@ -32,7 +33,7 @@ def for_group(tp: TPGroup) -> ThreadPoolExecutor:
     return executor
 
 
-def submit(tp: TPGroup, fn: Callable, *args) -> Future:
+def submit(tp: "TPGroup", fn: Callable, *args) -> Future:
     """Run fn(*args) on tp's communication thread, after everything submitted before it."""
     return for_group(tp).submit(fn, *args)
 

@@ -1,0 +1,131 @@
+"""The communicator interface of a TPGroup's backend chain, the two backends that need nothing compiled
+(identity for one rank, torch.distributed for everything else), and the collective timeout.
+
+A communicator is one backend: `applies(x)` says whether it can serve a collective of x (device, dtype,
+size), the collectives do it. tp_kernels.distributed builds a group's chain from these and from the fast
+paths of tp_kernels.comm (shared memory, CUDA IPC), and is the only caller: every collective of a group
+goes through `TPGroup.all_reduce` / `all_gather` / `allreduce_residual_rmsnorm`, which pick the backend.
+This module imports nothing of tp_kernels, so that every backend module can import it.
+"""
+from __future__ import annotations
+
+import abc
+import math
+import os
+from typing import Mapping, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT_ENV = "TP_KERNELS_COMM_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def comm_timeout_s(environ: Optional[Mapping[str, str]] = None) -> float:
+    """The seconds a collective may wait for a peer before it raises naming the missing rank:
+    TP_KERNELS_COMM_TIMEOUT if set (to a positive, finite number), else 60. Every backend reads it here."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(TIMEOUT_ENV)
+    if raw is None or raw == "":
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0 (finite), got {raw!r}")
+    return value
+
+
+class Communicator(abc.ABC):
+    """One backend of the chain. `applies` says whether it can serve a collective of this tensor (device,
+    size, dtype); `all_reduce` returns the sum over the group as a new tensor."""
+
+    name = "base"
+
+    @abc.abstractmethod
+    def applies(self, x: torch.Tensor) -> bool:
+        """Whether this backend can serve a collective of x."""
+
+    @abc.abstractmethod
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of x over the group, as a new tensor."""
+
+    def all_reduce_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The sum of x over the group written into out (x's shape and dtype; out may be x itself).
+        Backends that reduce in place override this to skip the copy."""
+        return out.copy_(self.all_reduce(x))
+
+    def all_gather(self, x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        """Every rank's x stacked: (world_size, *x.shape), rank 0's first. This default sums a zero buffer
+        in which each rank wrote its own block: exact (adding zeros rounds nothing, also in fp16/bf16 with
+        fp32 accumulation) at world_size times an all-gather's bytes. Backends with a gather override it."""
+        stacked = x.new_zeros((world_size,) + tuple(x.shape))  # (world_size, *x.shape)
+        stacked[rank] = x
+        return self.all_reduce_into(stacked, stacked)
+
+    def allreduce_residual_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                   eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """add_rmsnorm(all_reduce(x), residual, weight, eps) -> (normed, new_residual). Backends that can
+        fuse the residual add and the norm into the reduction override this."""
+        return torch.ops.tp_kernels.add_rmsnorm(self.all_reduce(x), residual, weight, eps)
+
+    @property
+    def native_cpu_communicator(self):
+        """The compiled communicator that the C++ CPU kernels of the collective ops may call without Python
+        (csrc/cpu/shm_ops.cpp), or None. Only the shared-memory backend has one."""
+        return None
+
+    def close(self) -> None:
+        """Release what the backend holds (shared memory, IPC buffers). Idempotent."""
+
+
+class IdentityCommunicator(Communicator):
+    """World size 1: the sum over one rank is the tensor itself (copied: the op is out of place)."""
+
+    name = "identity"
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return self.world_size == 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    def all_reduce_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out if out is x else out.copy_(x)
+
+    def all_gather(self, x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        return x.unsqueeze(0).clone()  # (1, *x.shape)
+
+
+class TorchCommunicator(Communicator):
+    """torch.distributed on the group (gloo for CPU tensors, NCCL for CUDA): applies whenever the group has a
+    process group. Half-precision inputs are reduced in float32 so that the result matches the other
+    backends (fp32 accumulation) and is the same on every rank."""
+
+    name = "torch"
+
+    def __init__(self, group: Optional[dist.ProcessGroup]):
+        self.group = group
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return self.group is not None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        accumulate = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.clone()
+        dist.all_reduce(accumulate, group=self.group)
+        return accumulate.to(x.dtype)
+
+    def all_reduce_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if out is x and x.dtype not in (torch.float16, torch.bfloat16) and x.is_contiguous():
+            dist.all_reduce(x, group=self.group)  # in place: no copy at all
+            return x
+        return super().all_reduce_into(x, out)
+
+    def all_gather(self, x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        out = x.new_empty(world_size * x.numel())  # rank r's elements at [r * numel, (r + 1) * numel)
+        dist.all_gather_single(out, x.reshape(-1), group=self.group)
+        return out.view((world_size,) + tuple(x.shape))
