@@ -71,9 +71,6 @@ def _gemm_reduce_kernel(
     tag = epoch * 65536 + signature
     signal_offset = (epoch % 2) * n_signals * 8  # bytes into a buffer
     data_start = data_offset + (epoch % 2) * data_bytes
-    lanes = tl.arange(0, WORLD_BLOCK)  # one lane per rank
-    lane_valid = lanes < world_size
-    buffers = tl.load(table_ptr + lanes, mask=lane_valid, other=0)  # (WORLD_BLOCK,) int64 addresses
     my_buffer = tl.load(table_ptr + rank)
     my_signals = (my_buffer + signal_offset).to(tl.pointer_type(tl.int64))
     my_data = (my_buffer + data_start).to(tl.pointer_type(element))
@@ -92,13 +89,15 @@ def _gemm_reduce_kernel(
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = accumulate_tile(x_ptr, w_ptr, rows, cols, cols < N, M, K, stride_xm, stride_xk, stride_wn, stride_wk,
                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_OPERANDS, DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
-    # the masks after the K loop, so that its predicates need not stay live across it (ptxas spilled one)
+    # masks and lanes after the K loop, so that no predicate stays live across it (ptxas spilled one)
     cols_valid = cols < N
     if MODE == 2:
         rows_valid = rows < M
     else:
         rows_valid = (owner_rows < rows_per_owner) & (rows < M)
     mask = rows_valid[:, None] & cols_valid[None, :]
+    lanes = tl.arange(0, WORLD_BLOCK)  # one lane per rank
+    lane_valid = lanes < world_size
     tile_offsets = rows[:, None].to(tl.int64) * N + cols[None, :]  # into an (M, N) row-major region
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
 
@@ -106,6 +105,7 @@ def _gemm_reduce_kernel(
         # ONE_SHOT: my partial into my own buffer, (M, N); every rank pulls it
         tl.store(my_data + tile_offsets, acc.to(element), mask=mask)
         raise_signals(my_signals + pid, tag, 0)  # matches wait [C]
+        buffers = tl.load(table_ptr + lanes, mask=lane_valid, other=0)  # (WORLD_BLOCK,) int64 addresses
         failed = wait_signals((buffers + signal_offset + pid * 8).to(tl.pointer_type(tl.int64)), lanes, lane_valid,
                               tag, control_ptr, status_ptr, timeout_ns, 1, USE_GLOBALTIMER)  # [C]
         total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -139,6 +139,7 @@ def _gemm_reduce_kernel(
                     peer_relay = (tl.load(table_ptr + (rank + step) % world_size) + data_start).to(
                         tl.pointer_type(element)) + world_size * rows_per_owner * N
                     tl.store(peer_relay + tile_offsets, total.to(element), mask=mask & (failed == 0))
+                buffers = tl.load(table_ptr + lanes, mask=lane_valid, other=0)  # (WORLD_BLOCK,) int64 addresses
                 raise_signals((buffers + signal_offset + relay_signal * 8).to(tl.pointer_type(tl.int64)), tag,
                               failed, lane_valid & (lanes != rank))  # matches wait [B]
         elif MODE == 1:
