@@ -2,7 +2,8 @@
 with the float64 reference (every op, fp32/fp16/bf16, decode and prefill shapes, 2 and 4 ranks) and with
 NCCL, 1,000 back-to-back calls, a CUDA graph capture replayed with fresh inputs, and the timeout of a rank
 that never arrives (its waits give up, the output is NaN, the next check raises naming it, and the CUDA
-context stays usable: the kernels do not trap).
+context stays usable: the kernels do not trap), and the ops taking the fused kernel for a group with
+symmetric buffers.
 
 Runs on one GPU too: the ranks are processes (conftest.spawn_ranks) on device rank % device_count,
 mapping each other's buffers through CUDA IPC, which works between processes on the same device. Kernels
@@ -183,3 +184,34 @@ def test_rank_that_never_arrives_is_named_and_the_context_survives():
     assert "TP_KERNELS_COMM_TIMEOUT" in message
     assert all_nan, "tiles that waited in vain must be NaN, not partial sums"
     assert usable == 8.0
+
+
+def _ops_rank(tp, cases):
+    """The ops on CUDA with the group's buffers registered: the fused kernel serves them (the buffer
+    counts its calls) where the cost model prefers it, which it does at these prefill shapes."""
+    from tp_kernels import ops
+    from tp_kernels.comm.symmetric import SymmetricBuffer
+
+    torch.cuda.set_device(tp.rank % torch.cuda.device_count())
+    buf = SymmetricBuffer.create(tp, device="cuda", timeout_s=TIMEOUT_S)  # registered under tp.name
+    try:
+        fns = {"two_shot": ops.gemm_allreduce, "reduce_scatter": ops.gemm_reduce_scatter,
+               "allgather": ops.allgather_gemm}
+        outs, fused_calls = [], []
+        for case in cases:
+            before = buf.calls
+            outs.append(fns[case[0]](*rank_inputs(case, tp.rank, "cuda"), tp).cpu())
+            fused_calls.append(buf.calls - before)
+        buf.check()
+        return outs, fused_calls
+    finally:
+        buf.close()
+
+
+def test_ops_take_the_fused_kernel_on_cuda():
+    cases = [make_case("two_shot", 1024, 1024, 512, torch.bfloat16, True, 2),
+             make_case("reduce_scatter", 1024, 1024, 512, torch.float16, True, 2),
+             make_case("allgather", 512, 1024, 1024, torch.bfloat16, True, 2)]
+    per_rank = spawn_ranks(2, _ops_rank, cases)
+    check(cases, [outs for outs, _ in per_rank])
+    assert all(calls == [1, 1, 1] for _, calls in per_rank), per_rank[0][1]
