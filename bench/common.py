@@ -19,7 +19,9 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# TP_KERNELS_BENCH_RESULTS_DIR sends every family's files elsewhere (make gpu-check: bench/results/gpu/)
+RESULTS_DIR = (os.environ.get("TP_KERNELS_BENCH_RESULTS_DIR")
+               or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 
 
 @dataclass

@@ -1,285 +1,425 @@
-"""End-to-end decode on CPU ranks, measured: tokens/s and per-token latency of the GPT decoder
-(tp_kernels.models) at TP=1 and TP=2, with the all-reduce backend forced to the shared-memory fast path
-("shm") and to plain torch.distributed ("torch", gloo on CPU) in the same run, and the share of each
-decode step spent in communication.
+"""End-to-end decode on CPU ranks, measured against the machine's roofline and against the tools a user
+would pick instead: tokens/s of the GPT decoder (tp_kernels.models) at TP=1 and TP=2, the fraction of the
+memory-bandwidth ceiling each reaches, where each step's time goes, and Hugging Face transformers on the
+same checkpoint.
 
-    python bench/decode_e2e.py                          # TP 1 and 2, backends shm and torch
-    python bench/decode_e2e.py --world-sizes 2 --backends torch --steps 64 --rounds 5
+    python bench/decode_e2e.py                          # everything (~5 min on 2 quiet cores)
+    python bench/decode_e2e.py --no-compile --no-peers  # our eager rows only (~1.5 min)
 
-How: each TP degree runs in fresh processes (tp_kernels.models.launch.run_on_cpu_ranks: one gloo group),
-one thread per rank. Every rank builds the same seeded random-weight model, then for each
-round and each backend, in turn (interleaved, so a load change on the machine hits both alike): the
-group is forced to that backend with `tp.use_backend(backend)` (every collective, from Python or from the
-ops' C++ CPU kernels; a tensor it cannot serve raises instead of silently going to another one), a prompt
-is prefilled and `--steps` decode steps of one token per sequence (greedy) are timed one by one. A
-backend that is not in the group's chain (e.g. "shm" without the compiled extension) gives a row marked
-missing, with the reason.
+The model: the `llama-156m` preset (hidden 1024, 8 layers, 16 heads, 4 KV heads, FFN 2816, vocab 32000,
+156 M parameters, fp32) with seeded random weights, written once as a Hugging Face checkpoint that every
+row loads. Batch 1, a 16-token prompt, 48 greedy new tokens per generate call, `--rounds` calls per row.
 
-Communication time is measured inside the step: the collective ops the decoder calls (tp_kernels.ops
-all_reduce, all_gather for the vocab-parallel logits, allreduce_residual_rmsnorm) are wrapped by a timer.
-It includes the op dispatch, a rank's wait for its peer and the fused residual add + RMSNorm.
+Rows, each in fresh processes (tp_kernels.models.launch.run_on_cpu_ranks):
+  roofline       GB/s of a matrix-vector product over 256 MiB of fp32 (bench/decode_roofline.py): one
+                 process on 1 and on 2 threads, and two one-thread processes at once
+  tp1 eager      ours, one process, 2 threads, tp_kernels.models.generate
+  tp1 compiled   the same with generate(compile=True) (torch.compile(fullgraph=True) of the decode step)
+  tp2 shm eager  ours, 2 ranks of one thread, collectives forced to the shared-memory backend
+  tp2 torch eager                                           ... forced to torch.distributed (gloo)
+  tp2 shm compiled
+  hf eager tp1   transformers' generate, 2 threads (bench/decode_peers.py)
+  hf tp_plan tp2 transformers with DistributedConfig(tp_plan="auto"), 2 ranks of one thread, gloo
+At TP=2 the variants of a rank alternate round by round (interleaved), so a load change on the host
+hits them alike. Every row's greedy tokens are compared with "tp1 eager"'s.
 
-Rows (rank 0's times; ranks are in lock step through the collectives):
-  "tp{N} {backend}"       per-token latency: median and p20/p80 over the decode steps; notes: tokens/s
-                          (batch / median step time); gbps: this rank's weight bytes per step / median step
-  "tp{N} {backend} comm"  communication time per step (median, p20/p80); ratio = its share of the step
-                          (sum of comm times / sum of step times), baseline = the step row
-The step rows at TP=2 with backend shm have baseline "tp2 torch" and ratio = torch median / shm median.
-Writes bench/results/decode_e2e.{csv,json}, decode_e2e.png (tokens/s), decode_e2e_comm.png and
-decode_e2e.md (the README table).
+Per row: per-token latency (median, p20/p80 over every decode step), tokens/s = 1 / median, the roofline
+in tokens/s = (GB/s a process streams: TP=1 one process on its threads, TP=2 the two-process total / 2)
+/ (bytes a step reads per rank, GPT.decode_bytes_per_rank: the weights less the embedding rows not looked
+up, plus the KV cache) and the fraction of it reached; the calls each all-reduce backend received per
+token; and for our eager rows, from one extra round with timers on (bench/decode_timeline.py): GEMMs,
+qkv_rope (its GEMM + RoPE + cache write), attention, the collectives' own time and the time a rank waited
+in them for the other, sampling, and the rest (Python, dispatch, small ops) = the step less all those.
+Writes bench/results/decode_e2e.{csv,json,md} and decode_e2e.png.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
+import json
 import math
 import os
+import shutil
+import statistics
 import sys
-import time
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import decode_peers, decode_roofline  # noqa: E402
 from bench.common import RESULTS_DIR, Row, plot_lines, timing_from_samples, write_rows  # noqa: E402
+from bench.decode_timeline import CATEGORIES, StepTimeline, split_waits  # noqa: E402
 
 BENCH = "decode_e2e"
-BACKENDS = ("shm", "torch")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# A Llama-shaped model that decodes in ~10 ms per token on one core: 28 M parameters, 112 MB in fp32, so
-# a step streams its weights from DRAM (this host's L3 is 8 MiB) like a GPU step streams HBM, and at
-# TP=2 the 17 all-reduces + 1 all-gather of a step (2 per layer, the embedding, the logits) are a visible
-# part of it: gloo's ~320 us per small all-reduce (DESIGN.md) would be ~5 ms.
-MODEL = dict(family="llama", vocab_size=4096, dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
-             intermediate_size=1408, max_seq_len=1024, norm_eps=1e-5)
+PRESET = "llama-156m"
 WEIGHT_SEED = 1234
-RANK_TIMEOUT_S = 300.0
+RANK_TIMEOUT_S = 900.0
+TARGETS = (  # (name, what it divides, the target), from issue 15
+    ("TP=2 / two-process roofline", 0.85),
+    ("TP=2 / our TP=1", 1.5),
+    ("TP=2 / transformers tp_plan TP=2", 2.5),
+    ("TP=2 / transformers eager TP=1", 1.6),
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One of our rows: the all-reduce backend forced (None at TP=1) and whether the step is compiled."""
+
+    backend: Optional[str]
+    compile: bool
+
+    def case(self, world_size: int) -> str:
+        mode = "compiled" if self.compile else "eager"
+        return f"tp{world_size} {mode}" if self.backend is None else f"tp{world_size} {self.backend} {mode}"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# communication timing
+# the checkpoint
 # ----------------------------------------------------------------------------------------------------------
-class CommTimer:
-    """Accumulates the wall-clock seconds spent inside the wrapped collectives."""
+def write_checkpoint(path: str, preset: str) -> str:
+    """The preset's seeded random weights as a Hugging Face Llama directory (config.json, model.safetensors)."""
+    from safetensors.torch import save_file
 
-    def __init__(self):
-        self.seconds = 0.0
-        self.calls = 0
+    from tp_kernels.models import PRESETS
+    from tp_kernels.models.loading import random_checkpoint
 
-    def call(self, fn, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - t0
-            self.calls += 1
+    args = PRESETS[preset]
+    if args.family != "llama" or args.tie_word_embeddings:
+        raise ValueError(f"--preset must be an untied llama-family preset, got {preset!r}")
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": args.vocab_size,
+              "hidden_size": args.dim, "intermediate_size": args.intermediate_size,
+              "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+              "num_key_value_heads": args.n_kv_heads, "max_position_embeddings": args.max_seq_len,
+              "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "tie_word_embeddings": False,
+              "hidden_act": "silu", "torch_dtype": "float32", "bos_token_id": None, "eos_token_id": None}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    save_file(random_checkpoint(args, WEIGHT_SEED), os.path.join(path, "model.safetensors"))
+    return path
 
 
-TIMED_OPS = ("all_reduce", "all_gather", "allreduce_residual_rmsnorm")
+# ----------------------------------------------------------------------------------------------------------
+# our rows, on each rank
+# ----------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def forced_backend(tp, backend: Optional[str]):
+    """Every collective of tp served by backend (None: the group's own choice)."""
+    if backend is None:
+        yield
+        return
+    with tp.use_backend(backend):
+        yield
 
 
 @contextlib.contextmanager
-def timed_collective_ops(timer: CommTimer):
-    """Inside the block, the collective ops of tp_kernels.ops (what the decoder and its layers call) are
-    timed by timer."""
-    from tp_kernels import ops
+def counting_backend_calls(tp):
+    """Counts of the calls each backend received inside the block: "torch" = torch.distributed collectives
+    (patched at the module, where TorchCommunicator looks them up), "shm" = steps of the shared-memory
+    communicator (its own sequence number, which its C++ op path advances too)."""
+    import torch.distributed as dist
 
-    originals = {name: getattr(ops, name) for name in TIMED_OPS}
+    counts = {"torch": 0, "shm": 0}
+    names = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_tensor",
+             "broadcast")
+    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            counts["torch"] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    shm = [c for c in tp.communicators if c.name == "shm"]
+    shm_before = sum(c.sequence for c in shm)
     for name, fn in originals.items():
-        setattr(ops, name, functools.partial(timer.call, fn))
+        setattr(dist, name, counted(fn))
     try:
-        yield
+        yield counts
     finally:
         for name, fn in originals.items():
-            setattr(ops, name, fn)
+            setattr(dist, name, fn)
+        counts["shm"] = sum(c.sequence for c in shm) - shm_before
 
 
-def missing_backend(tp, backend: str) -> Optional[str]:
-    """Why backend cannot be forced on tp (it is not in the group's chain), or None."""
-    names = [c.name for c in tp.communicators]
-    return None if backend in names else f"backend {backend!r} is not in this group's chain {names}"
+def rank_ours(tp, checkpoint: str, prompt: List[int], new_tokens: int, rounds: int, variants: List[Variant]) -> dict:
+    """On every rank: per variant, the decode steps' seconds, tokens, backend calls per token, compile time,
+    and for eager variants the breakdown of one timed-on round."""
+    from tp_kernels.models import GPT, generate
 
+    model = GPT.from_pretrained(checkpoint, tp, progress=False)
+    out = {v: {"step_s": [], "tokens": None, "calls_per_token": None, "compile_s": 0.0} for v in variants}
 
-# ----------------------------------------------------------------------------------------------------------
-# ranks
-# ----------------------------------------------------------------------------------------------------------
-@dataclass
-class BackendResult:
-    step_s: List[float] = field(default_factory=list)
-    comm_s: List[float] = field(default_factory=list)
-    missing: Optional[str] = None
+    def run(variant: Variant):
+        with forced_backend(tp, variant.backend), counting_backend_calls(tp) as calls:
+            tokens, stats = generate(model, [prompt], new_tokens, eos_token_ids=(), compile=variant.compile)
+        per_token = {k: v / (stats.n_decode_steps + 1) for k, v in calls.items()}  # the prefill makes as many
+        return tokens[0], stats, per_token
 
-
-def _decode_round(model, timer: CommTimer, prompt: torch.Tensor, steps: int, result: Optional[BackendResult]):
-    """Prefill prompt (batch, prompt_len), then `steps` greedy decode steps, each timed (when result is
-    given) with its communication time."""
-    batch, prompt_len = prompt.shape
-    cache = model.new_cache(batch, prompt_len + steps)
-    last = torch.full((batch,), prompt_len - 1)
-    token = model(prompt, cache=cache, logits_at=last).argmax(-1)  # (batch,)
-    at_first = torch.zeros(batch, dtype=torch.long)
-    for step in range(steps):
-        positions = torch.full((batch, 1), prompt_len + step)
-        comm_before = timer.seconds
-        t0 = time.perf_counter()
-        logits = model(token[:, None], positions, cache, logits_at=at_first)  # (batch, vocab)
-        token = logits.argmax(-1)
-        elapsed = time.perf_counter() - t0
-        if result is not None:
-            result.step_s.append(elapsed)
-            result.comm_s.append(timer.seconds - comm_before)
-
-
-def rank_decode(tp, model_kw: dict, dtype_name: str, backends: List[str], rounds: int, steps: int, batch: int,
-                prompt_len: int) -> dict:
-    """On every rank: the decode timings per backend (see the module docstring)."""
-    from tp_kernels.models import GPT, ModelArgs
-
-    # One core per rank, as one GPU per rank: TP=1 on one thread, TP=2 on two processes of one thread.
-    # (Two threads for TP=1 ran 3x slower per step than one, 108 vs 35 ms, on this loaded 2-core host.)
-    torch.set_num_threads(1)
-    model = GPT.from_preset(ModelArgs(**model_kw), tp, dtype=DTYPES[dtype_name], seed=WEIGHT_SEED)
-    prompt = torch.randint(0, model_kw["vocab_size"], (batch, prompt_len),
-                           generator=torch.Generator().manual_seed(WEIGHT_SEED))
-    timer = CommTimer()
-    # one rank: nothing to communicate, every backend is the identity
-    forced = {backend: backend if tp.world_size > 1 else "identity" for backend in backends}
-    results = {backend: BackendResult(missing=missing_backend(tp, forced[backend])) for backend in backends}
-    runnable = [backend for backend in backends if results[backend].missing is None]
-    with torch.no_grad(), timed_collective_ops(timer):
-        for backend in runnable:  # warm-up: the first op call imports torch._dynamo
-            with tp.use_backend(forced[backend]):
-                _decode_round(model, timer, prompt, 2, None)
+    with torch.no_grad():
+        for variant in variants:  # warm-up; a compiled variant compiles here
+            out[variant]["compile_s"] = run(variant)[1].compile_s
         for _ in range(rounds):
-            for backend in runnable:
-                with tp.use_backend(forced[backend]):
-                    _decode_round(model, timer, prompt, steps, results[backend])
-    return {"results": results, "weight_bytes_per_rank": model.weight_bytes_per_rank(),
+            for variant in variants:
+                tokens, stats, per_token = run(variant)
+                out[variant]["step_s"] += stats.step_s
+                out[variant]["tokens"], out[variant]["calls_per_token"] = tokens, per_token
+        for variant in variants:
+            if variant.compile:
+                continue
+            with StepTimeline() as timeline:
+                run(variant)
+            out[variant]["timeline"] = (timeline.steps, timeline.collectives, timeline.step_s)
+    kv_len = len(prompt) + new_tokens // 2
+    return {"variants": out, "decode_bytes_per_rank": model.decode_bytes_per_rank(kv_len),
             "threads": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # rows
 # ----------------------------------------------------------------------------------------------------------
-def rows_for(world_size: int, out: dict, args: argparse.Namespace, backends: List[str]) -> List[Row]:
-    rows: List[Row] = []
-    step_rows: Dict[str, Row] = {}
-    shape = f"batch={args.batch},prompt={args.prompt_len},steps={args.steps}x{args.rounds}"
-    model = ",".join(f"{k}={MODEL[k]}" for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size",
-                                                 "vocab_size"))
-    for backend in backends:
-        result: BackendResult = out["results"][backend]
-        label = backend if world_size > 1 else "none"
-        case = f"tp{world_size} {label}"
-        config = f"backend={label},threads_per_rank={out['threads']},{model}"
-        common = dict(config=config, dtype=args.dtype, shape=shape, world_size=world_size)
-        if result.missing is not None:
-            print(f"MISSING row {case!r}: {result.missing}", file=sys.stderr)
-            rows.append(Row(bench=BENCH, case=case, median_us=math.nan, p20_us=math.nan, p80_us=math.nan,
-                            notes=f"missing: {result.missing}", **common))
-            continue
-        step = timing_from_samples(result.step_s)
-        comm = timing_from_samples(result.comm_s)
-        tokens_per_s = args.batch / step.median_s  # the median: robust to the load of other jobs
-        comm_share = sum(result.comm_s) / sum(result.step_s)
-        row = Row.from_timing(BENCH, case, step, gbps=out["weight_bytes_per_rank"] / step.median_s / 1e9,
-                              notes=f"tokens/s {tokens_per_s:.1f}; communication {100 * comm_share:.1f}% of the step; "
-                                    "CPU wall clock (rank 0)", **common)
-        step_rows[label] = row
-        rows.append(row)
-        rows.append(Row.from_timing(BENCH, f"{case} comm", comm, baseline=case, ratio=comm_share,
-                                    notes="communication time per step; ratio = share of the step", **common))
-    if "shm" in step_rows and "torch" in step_rows:
-        shm, gloo = step_rows["shm"], step_rows["torch"]
-        shm.baseline, shm.ratio = gloo.case, gloo.median_us / shm.median_us
-    return rows
+def breakdown(per_rank: List[dict], variant: Variant) -> Dict[str, float]:
+    """Rank 0's mean ms per step by category, with the collectives split into own time and waiting (and
+    rank 1's waiting at TP=2); rest = the timed-on round's mean step less the parts."""
+    timelines = [r["variants"][variant]["timeline"] for r in per_rank]
+    steps, collectives, step_s = timelines[0]
+    waits = split_waits([t[1] for t in timelines])
+    n = len(steps)
+    parts = {c: 1e3 * sum(s.get(c, 0.0) for s in steps) / n for c in CATEGORIES if c != "collective"}
+    parts["collective own"] = 1e3 * sum(w[1] for w in waits[0]) / n
+    parts["collective wait"] = 1e3 * sum(w[0] for w in waits[0]) / n
+    parts["rest"] = 1e3 * statistics.mean(step_s) - sum(parts.values())
+    if len(waits) > 1:
+        parts["rank 1 wait"] = 1e3 * sum(w[0] for w in waits[1]) / n
+    return parts
 
 
-def tokens_per_s_of(row: Row) -> float:
-    return float(row.notes.split("tokens/s ")[1].split(";")[0])
+def roofline_tokens_per_s(roofline: dict, world_size: int, threads: int, decode_bytes: int) -> float:
+    if world_size == 1:
+        gbps = roofline["one_process_2_threads" if threads >= 2 else "one_process_1_thread"]
+    else:
+        gbps = roofline["two_processes_total"] / 2
+    return gbps * 1e9 / decode_bytes
 
 
-def tokens_table(rows: List[Row]) -> str:
-    """Markdown for the README: per TP degree and backend, tokens/s, per-token latency, communication."""
-    comm_rows = {r.baseline: r for r in rows if r.case.endswith(" comm")}
-    lines = ["| TP | all-reduce | tokens/s | per-token latency, ms: median (p20-p80) | communication per step, ms "
-             "| communication share | speedup vs torch |", "|---|---|---|---|---|---|---|"]
+def step_row(case: str, world_size: int, step_s: List[float], threads: int, decode_bytes: int, ceiling: float,
+             notes: List[str], config: str) -> Row:
+    timing = timing_from_samples(step_s)
+    tokens_per_s = 1 / timing.median_s
+    notes = [f"tokens/s {tokens_per_s:.1f}", f"roofline {ceiling:.1f} tokens/s"] + notes
+    return Row.from_timing(BENCH, case, timing, config=f"{config},threads_per_rank={threads}", dtype="fp32",
+                           shape=f"batch=1,{config}", world_size=world_size,
+                           gbps=decode_bytes / timing.median_s / 1e9, ceiling_fraction=tokens_per_s / ceiling,
+                           notes="; ".join(notes))
+
+
+def tokens_note(tokens: Optional[List[int]], reference: List[int]) -> str:
+    if tokens == reference:
+        return "greedy tokens equal tp1 eager's"
+    first = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+    return f"TOKENS DIFFER from tp1 eager's at new token {first}"
+
+
+def decode_bytes_of(preset: str, world_size: int, kv_len: int) -> int:
+    """What our step reads per rank at world_size (for a peer row when our row of that degree did not run),
+    from a model built on the meta device: no weights, no collectives."""
+    from tp_kernels.distributed import TPGroup
+    from tp_kernels.models import GPT, PRESETS
+
+    tp = TPGroup(rank=0, world_size=world_size, name=f"{BENCH}.bytes.tp{world_size}")
+    try:
+        return GPT(PRESETS[preset], tp, device="meta").decode_bytes_per_rank(kv_len)
+    finally:
+        tp.close()
+
+
+def tokens_per_s(row: Row) -> float:
+    return 1e6 / row.median_us
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tables
+# ----------------------------------------------------------------------------------------------------------
+def _note(row: Row, key: str) -> str:
+    return next((n.split(key, 1)[1].strip() for n in row.notes.split("; ") if n.startswith(key)), "")
+
+
+def compile_note(row: Row) -> str:
+    seconds = _note(row, "compile")
+    return f"(compiled: {seconds})" if seconds else ""
+
+
+def markdown(rows: List[Row], roofline: dict, targets: List[tuple]) -> str:
+    lines = [f"Roofline (matrix-vector product over 256 MiB fp32): one process {roofline['one_process_1_thread']:.1f} "
+             f"GB/s on 1 thread, {roofline['one_process_2_threads']:.1f} GB/s on 2; two processes at once "
+             f"{roofline['two_processes_total']:.1f} GB/s in total "
+             f"({' + '.join(f'{g:.1f}' for g in roofline['two_processes_each'])}).", "",
+             "| row | tokens/s | ms/token, median (p20-p80) | roofline tokens/s | fraction | step breakdown, ms "
+             "| all-reduce calls/token | tokens |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        if row.case.endswith(" comm"):
-            continue
-        backend = row.config.split(",")[0].split("=")[1]
         if math.isnan(row.median_us):
-            lines.append(f"| {row.world_size} | {backend} | {row.notes} | | | | |")
+            lines.append(f"| {row.case} | {row.notes} | | | | | | |")
             continue
-        comm = comm_rows[row.case]
-        speedup = "" if row.ratio is None else f"{row.ratio:.2f}x"
-        lines.append(f"| {row.world_size} | {backend} | {tokens_per_s_of(row):.1f} | {row.median_us / 1e3:.1f} "
-                     f"({row.p20_us / 1e3:.1f}-{row.p80_us / 1e3:.1f}) | {comm.median_us / 1e3:.2f} | "
-                     f"{100 * comm.ratio:.0f}% | {speedup} |")
+        lines.append(f"| {row.case} | {tokens_per_s(row):.1f} | {row.median_us / 1e3:.1f} "
+                     f"({row.p20_us / 1e3:.1f}-{row.p80_us / 1e3:.1f}) | {_note(row, 'roofline').split()[0]} | "
+                     f"{100 * row.ceiling_fraction:.0f}% | {_note(row, 'breakdown ms:') or compile_note(row)} | "
+                     f"{_note(row, 'calls/token:')} "
+                     f"| {'equal' if 'equal' in row.notes else 'DIFFER' if 'DIFFER' in row.notes else ''} |")
+    lines += ["", "| target (issue 15) | measured | target | met |", "|---|---|---|---|"]
+    for name, value, target in targets:
+        met = "n/a" if value is None else "yes" if value >= target else "no"
+        lines.append(f"| {name} | {'n/a' if value is None else f'{value:.2f}'} | {target} | {met} |")
     return "\n".join(lines)
 
 
+def target_values(rows: Dict[str, Row], roofline_fraction_case: str) -> List[tuple]:
+    def ratio(a: str, b: str) -> Optional[float]:
+        if a in rows and b in rows and not math.isnan(rows[a].median_us) and not math.isnan(rows[b].median_us):
+            return tokens_per_s(rows[a]) / tokens_per_s(rows[b])
+        return None
+
+    ours = roofline_fraction_case
+    values = [rows[ours].ceiling_fraction if ours in rows else None, ratio(ours, "tp1 eager"),
+              ratio(ours, "hf tp_plan tp2"), ratio(ours, "hf eager tp1")]
+    return [(f"{name} ({ours})", value, target) for (name, target), value in zip(TARGETS, values)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world-sizes", default="1,2", help="comma separated TP degrees (default 1,2)")
-    parser.add_argument("--backends", default=",".join(BACKENDS),
-                        help=f"comma separated all-reduce backends to force, of {BACKENDS} (default both)")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per backend (default 3)")
-    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per round (default 32)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--world-sizes", default="1,2", help="our TP degrees (default 1,2)")
+    parser.add_argument("--backends", default="shm,torch", help="backends forced at TP=2 (default shm,torch)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed generate calls per row (default 3)")
+    parser.add_argument("--new-tokens", type=int, default=48, help="greedy tokens per generate call (default 48)")
     parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--preset", default=PRESET, help=f"an untied llama-family preset (default {PRESET})")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows (they compile for ~1 min)")
+    parser.add_argument("--no-peers", action="store_true", help="skip the Hugging Face transformers rows")
+    parser.add_argument("--checkpoint", default=None,
+                        help="directory for the checkpoint (default: a temporary one, removed at the end)")
     args = parser.parse_args()
     world_sizes = [int(w) for w in args.world_sizes.split(",")]
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = sorted(set(backends) - set(BACKENDS))
-    if unknown or not backends:
-        parser.error(f"--backends must be a comma separated subset of {BACKENDS}, got {args.backends!r}")
-    if any(w < 1 for w in world_sizes) or min(args.rounds, args.steps, args.batch, args.prompt_len) < 1:
-        parser.error("world sizes, --rounds, --steps, --batch and --prompt-len must be >= 1")
-    if args.prompt_len + args.steps > MODEL["max_seq_len"]:
-        parser.error(f"--prompt-len + --steps must be <= {MODEL['max_seq_len']}")
+    backends = [b for b in args.backends.split(",") if b]
+    if not set(world_sizes) <= {1, 2} or not world_sizes or not set(backends) <= {"shm", "torch"} or not backends:
+        parser.error("--world-sizes must be a subset of 1,2 and --backends of shm,torch")
+    if min(args.rounds, args.new_tokens, args.prompt_len) < 2:
+        parser.error("--rounds, --new-tokens and --prompt-len must be >= 2")
 
     from tqdm import tqdm
 
     from tp_kernels.models.launch import run_on_cpu_ranks
 
-    rows: List[Row] = []
-    for world_size in tqdm(world_sizes, desc="decode_e2e TP degrees"):
-        run_backends = backends if world_size > 1 else backends[:1]  # one rank: identity, whatever the backend
-        per_rank = run_on_cpu_ranks(world_size, rank_decode, MODEL, args.dtype, run_backends, args.rounds,
-                                    args.steps, args.batch, args.prompt_len, timeout_s=RANK_TIMEOUT_S)
-        rows += rows_for(world_size, per_rank[0], args, run_backends)
-    print(f"wrote {write_rows(BENCH, rows)}")
+    from tp_kernels.models import PRESETS
 
-    measured = [r for r in rows if not math.isnan(r.median_us)]
-    tokens, comm = {}, {}
-    for row in measured:
-        backend = row.config.split(",")[0].split("=")[1]
-        for label in ((backend,) if backend != "none" else backends):  # TP=1 starts every backend's line
-            if row.case.endswith(" comm"):
-                comm.setdefault(label, ([], []))
-                comm[label][0].append(row.world_size)
-                comm[label][1].append(row.median_us)
-            else:
-                tokens.setdefault(label, ([], []))
-                tokens[label][0].append(row.world_size)
-                tokens[label][1].append(tokens_per_s_of(row))
-    if tokens:
-        print("wrote " + plot_lines(os.path.join(RESULTS_DIR, f"{BENCH}.png"),
-                                    "GPT decode on CPU ranks (measured): tokens/s", "TP degree", "tokens/s",
-                                    {f"all-reduce: {k}": v for k, v in tokens.items()}, logy=False))
-        print("wrote " + plot_lines(os.path.join(RESULTS_DIR, f"{BENCH}_comm.png"),
-                                    "GPT decode on CPU ranks (measured): communication per step", "TP degree",
-                                    "us per step", {f"all-reduce: {k}": v for k, v in comm.items()}, logy=False))
-    table = tokens_table(rows)
+    if args.preset not in PRESETS:
+        parser.error(f"--preset must be one of {sorted(PRESETS)}")
+    vocab_size = PRESETS[args.preset].vocab_size
+    prompt = torch.randint(0, vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(WEIGHT_SEED)).tolist()
+    own_dir = args.checkpoint is None
+    checkpoint = tempfile.mkdtemp(prefix="tp_kernels-decode_e2e-") if own_dir else args.checkpoint
+    config = f"model={args.preset},prompt={args.prompt_len},new_tokens={args.new_tokens}x{args.rounds}"
+    rows: List[Row] = []
+    failures: List[str] = []
+    try:
+        if not os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
+            write_checkpoint(checkpoint, args.preset)
+        print("measuring the roofline", flush=True)
+        roofline = decode_roofline.measure(run_on_cpu_ranks)
+        reference: Optional[List[int]] = None
+        decode_bytes: Dict[int, int] = {}  # per TP degree: what our step reads per rank
+        modes = [False] + ([] if args.no_compile else [True])
+        for world_size in tqdm(world_sizes, desc="decode_e2e: our TP degrees"):
+            variants = [Variant(b if world_size > 1 else None, c) for c in modes
+                        for b in (backends if world_size > 1 else [None]) if not (c and b == "torch")]
+            per_rank = run_on_cpu_ranks(world_size, rank_ours, checkpoint, prompt, args.new_tokens, args.rounds,
+                                        variants, timeout_s=RANK_TIMEOUT_S)
+            first = per_rank[0]
+            decode_bytes[world_size] = first["decode_bytes_per_rank"]
+            for variant in variants:
+                result = first["variants"][variant]
+                if reference is None:  # tp1 eager, or the first row there is
+                    reference = result["tokens"]
+                ceiling = roofline_tokens_per_s(roofline, world_size, first["threads"], first["decode_bytes_per_rank"])
+                notes = []
+                if not variant.compile:
+                    parts = breakdown(per_rank, variant)
+                    notes.append("breakdown ms: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+                else:
+                    notes.append(f"compile {result['compile_s']:.0f} s (first call)")
+                calls = result["calls_per_token"]
+                notes.append("calls/token: " + ", ".join(f"{k} {v:.0f}" for k, v in calls.items()))
+                notes.append(tokens_note(result["tokens"], reference))
+                if "DIFFER" in notes[-1]:
+                    failures.append(f"{variant.case(world_size)}: {notes[-1]}")
+                rows.append(step_row(variant.case(world_size), world_size, result["step_s"], first["threads"],
+                                     first["decode_bytes_per_rank"], ceiling, notes,
+                                     f"{config},backend={variant.backend},compile={variant.compile}"))
+        if not args.no_peers:
+            for world_size, case in ((1, "hf eager tp1"), (2, "hf tp_plan tp2")):
+                missing = decode_peers.missing_packages(tensor_parallel=world_size > 1)
+                if missing is not None:
+                    print(f"SKIPPED row {case!r}: {missing}", file=sys.stderr)
+                    rows.append(Row(bench=BENCH, case=case, config=config, dtype="fp32", shape="batch=1",
+                                    world_size=world_size, median_us=math.nan, p20_us=math.nan, p80_us=math.nan,
+                                    notes=f"skipped: {missing}"))
+                    continue
+                per_rank = run_on_cpu_ranks(world_size, decode_peers.rank_hf, checkpoint, prompt, args.new_tokens,
+                                            args.rounds, world_size > 1, timeout_s=RANK_TIMEOUT_S)
+                # the roofline of our step at this TP degree (transformers reads the same weights)
+                step_bytes = decode_bytes.get(world_size) or decode_bytes_of(args.preset, world_size,
+                                                                            args.prompt_len + args.new_tokens // 2)
+                ceiling = roofline_tokens_per_s(roofline, world_size, per_rank[0]["threads"], step_bytes)
+                rows.append(step_row(case, world_size, per_rank[0]["step_s"], per_rank[0]["threads"], step_bytes,
+                                     ceiling, [tokens_note(per_rank[0]["tokens"], reference)],
+                                     f"{config},transformers"))
+    finally:
+        if own_dir:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+    by_case = {r.case: r for r in rows}
+    targets = target_values(by_case, "tp2 shm eager")
+    if not args.no_compile:
+        targets += target_values(by_case, "tp2 shm compiled")
+    for row in rows:  # roofline columns also in the CSV: the row names its ceiling
+        row.baseline = "roofline"
+    print(f"wrote {write_rows(BENCH, rows)}")
+    table = markdown(rows, roofline, targets)
     with open(os.path.join(RESULTS_DIR, f"{BENCH}.md"), "w") as f:
-        f.write(f"Measured on CPU ranks ({rows[0].env['device']}), one thread per rank, {args.dtype}, "
-                f"{rows[0].shape}; rank 0's wall clock.\n\n{table}\n")
+        f.write(f"Measured on CPU ranks ({rows[0].env['device']}), fp32, batch 1, {config}; rank 0's wall "
+                f"clock.\n\n{table}\n")
+    series: Dict[str, tuple] = {}
+    for row in rows:
+        if math.isnan(row.median_us):
+            continue
+        if row.case.startswith("hf"):
+            labels = ["transformers (eager at TP=1, tp_plan at TP=2)"]
+        elif row.world_size == 1:  # TP=1 starts the line of every TP=2 backend of its mode
+            mode = row.case.split()[-1]
+            labels = [f"ours {b} {mode}" for b in backends] if mode == "eager" else [f"ours shm {mode}"]
+        else:
+            labels = ["ours " + row.case.split(" ", 1)[1]]
+        for label in labels:
+            series.setdefault(label, ([], []))
+            series[label][0].append(row.world_size)
+            series[label][1].append(tokens_per_s(row))
+    for row in rows:
+        if not math.isnan(row.median_us) and row.case.startswith("tp") and row.case.endswith("eager"):
+            series.setdefault("roofline", ([], []))
+            if row.world_size not in series["roofline"][0]:
+                series["roofline"][0].append(row.world_size)
+                series["roofline"][1].append(tokens_per_s(row) / row.ceiling_fraction)
+    print("wrote " + plot_lines(os.path.join(RESULTS_DIR, f"{BENCH}.png"), "GPT decode on CPU ranks (measured)",
+                                "TP degree", "tokens/s", series, logx=False))
     print(table)
-    return 0
+    for failure in failures:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

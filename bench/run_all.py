@@ -48,7 +48,8 @@ FAMILIES = (
     Family("kernel_resources", 60, what="Triton kernels compiled for sm_80/sm_90: registers, spills, shared memory"),
     Family("gemm_allreduce", 90, args=("--quick",), what="gemm_allreduce, overlapped vs sequential"),
     Family("gemm_overlap_model", 20, what="modeled H100 GEMM + all-reduce overlap"),
-    Family("decode_e2e", 160, what="GPT decode on CPU ranks, TP 1 and 2, shm vs gloo, communication share"),
+    Family("decode_e2e", 160, args=("--no-compile",),  # the compiled rows add ~2 Inductor compiles: run alone
+           what="GPT decode on CPU ranks vs the roofline and transformers, TP 1 and 2, shm vs gloo, step breakdown"),
     Family("decode_model", 20, what="modeled H100/A100 decode, Llama-2-7B/70B, TP 1-8, vs gpt-fast"),
 )
 TOTAL_LIMIT_S = 590.0

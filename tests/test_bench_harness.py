@@ -162,51 +162,73 @@ def test_summary_from_csvs(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # decode_e2e
 # ----------------------------------------------------------------------------------------------------------
-def test_decode_e2e_says_why_a_backend_cannot_be_forced():
+E2E_PROMPT = [5, 6, 7, 8]
+
+
+def _rank_decode_e2e(tp, checkpoint, variants):
+    """bench/decode_e2e.py's rank function on the tiny preset: 2 rounds of 4 new tokens."""
+    return decode_e2e.rank_ours(tp, checkpoint, E2E_PROMPT, 4, 2, variants)
+
+
+def test_decode_e2e_rows_run_what_they_name(tmp_path):
+    """At TP=2 the shm row's collectives reach the shm communicator only and the torch row's gloo only
+    (2 reductions per layer + the embedding + the greedy pick = 6 calls per token for 2 layers), both give
+    TP=1's tokens, and the breakdown covers every step with the collectives split into own time and waits."""
+    from conftest import spawn_ranks
     from tp_kernels.distributed import TPGroup
 
-    tp = TPGroup.single()  # chain: identity, torch
-    assert decode_e2e.missing_backend(tp, "torch") is None
-    assert "'shm' is not in this group's chain ['identity', 'torch']" in decode_e2e.missing_backend(tp, "shm")
+    checkpoint = decode_e2e.write_checkpoint(str(tmp_path / "tiny"), "tiny")
+    tp1 = decode_e2e.Variant(None, False)
+    single = _rank_decode_e2e(TPGroup.single(), checkpoint, [tp1])
+    shm, gloo = decode_e2e.Variant("shm", False), decode_e2e.Variant("torch", False)
+    per_rank = spawn_ranks(2, _rank_decode_e2e, checkpoint, [shm, gloo])
+    reference = single["variants"][tp1]["tokens"]
+    for rank_out in per_rank:
+        assert rank_out["variants"][shm]["calls_per_token"] == {"torch": 0, "shm": 6}
+        assert rank_out["variants"][gloo]["calls_per_token"] == {"torch": 6, "shm": 0}
+        for variant in (shm, gloo):
+            assert rank_out["variants"][variant]["tokens"] == reference
+            assert len(rank_out["variants"][variant]["step_s"]) == 2 * 3  # 2 rounds of 3 decode steps
+    for variant in (shm, gloo):
+        parts = decode_e2e.breakdown(per_rank, variant)
+        assert set(parts) == {"gemm", "qkv_rope", "attention", "sampling", "collective own", "collective wait",
+                              "rest", "rank 1 wait"}
+        assert all(parts[k] > 0 for k in ("gemm", "qkv_rope", "attention", "sampling", "collective own"))
+    assert per_rank[0]["decode_bytes_per_rank"] < single["decode_bytes_per_rank"]
 
 
-def test_decode_e2e_comm_timer_times_the_collective_ops():
-    from tp_kernels import ops
-    from tp_kernels.distributed import TPGroup
+def test_split_waits_separates_waiting_from_the_collective():
+    from bench.decode_timeline import split_waits
 
-    timer = decode_e2e.CommTimer()
-    x = torch.randn(3, 4)
-    with decode_e2e.timed_collective_ops(timer):
-        assert torch.equal(ops.all_reduce(x, TPGroup.single()), x)
-        assert torch.equal(ops.all_gather(x, TPGroup.single(), dim=-1), x)
-    assert timer.calls == 2 and timer.seconds > 0
-    ops.all_reduce(x, TPGroup.single())  # restored: no longer timed
-    assert timer.calls == 2
+    # one step, two calls: rank 1 arrives 3 s late at the first, rank 0 1 s late at the second
+    rank0 = [[(0.0, 5.0), (11.0, 12.0)]]
+    rank1 = [[(3.0, 5.0), (10.0, 12.0)]]
+    (wait0, own0), (wait1, own1) = split_waits([rank0, rank1])[0][0], split_waits([rank0, rank1])[1][0]
+    assert (wait0, own0) == (3.0, 3.0) and (wait1, own1) == (1.0, 3.0)
+    with pytest.raises(ValueError, match="different numbers of collective calls"):
+        split_waits([rank0, [[(3.0, 5.0)]]])
+
+
+def test_decode_e2e_roofline_and_targets_table():
+    roofline = {"one_process_1_thread": 18.0, "one_process_2_threads": 20.0, "two_processes_each": [17.0, 15.0],
+                "two_processes_total": 32.0}
+    assert decode_e2e.roofline_tokens_per_s(roofline, 1, 2, 10 ** 9) == pytest.approx(20.0)
+    assert decode_e2e.roofline_tokens_per_s(roofline, 2, 1, 10 ** 9) == pytest.approx(16.0)
+    rows = [decode_e2e.step_row("tp1 eager", 1, [0.05] * 3, 2, 10 ** 9, 20.0, ["n"], "c"),
+            decode_e2e.step_row("tp2 shm eager", 2, [0.025] * 3, 1, 10 ** 9, 16.0, ["n"], "c")]
+    assert rows[1].ceiling_fraction == pytest.approx(40 / 16.0) and rows[0].gbps == pytest.approx(20.0)
+    targets = decode_e2e.target_values({r.case: r for r in rows}, "tp2 shm eager")
+    assert [round(v, 2) if v is not None else None for _, v, _ in targets] == [2.5, 2.0, None, None]
+    table = decode_e2e.markdown(rows, roofline, targets)
+    assert "| tp2 shm eager | 40.0 | 25.0 (25.0-25.0) | 16.0 | 250% |" in table
+    assert "| TP=2 / our TP=1 (tp2 shm eager) | 2.00 | 1.5 | yes |" in table
+    assert "| TP=2 / transformers tp_plan TP=2 (tp2 shm eager) | n/a | 2.5 | n/a |" in table
+    assert decode_e2e.tokens_note([1, 2, 3], [1, 2, 3]) == "greedy tokens equal tp1 eager's"
+    assert "at new token 1" in decode_e2e.tokens_note([1, 5, 3], [1, 2, 3])
 
 
 def test_decode_e2e_help_runs():
     out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "bench", "decode_e2e.py"), "--help"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "--backends" in out.stdout and "--world-sizes" in out.stdout
-
-
-def test_decode_e2e_rows_report_missing_backend_and_comm_share():
-    args = decode_e2e.argparse.Namespace(batch=2, prompt_len=4, steps=3, rounds=1, dtype="fp32")
-    out = {"results": {"shm": decode_e2e.BackendResult(missing="backend 'shm' is not in this group's chain"),
-                       "torch": decode_e2e.BackendResult(step_s=[0.010, 0.020, 0.030], comm_s=[0.002, 0.004, 0.006])},
-           "weight_bytes_per_rank": 10 ** 6, "threads": 1}
-    rows = decode_e2e.rows_for(2, out, args, ["shm", "torch"])
-    assert [r.case for r in rows] == ["tp2 shm", "tp2 torch", "tp2 torch comm"]
-    missing, step, comm = rows
-    assert math.isnan(missing.median_us) and "missing: backend 'shm'" in missing.notes
-    assert step.median_us == pytest.approx(20_000) and step.gbps == pytest.approx(10 ** 6 / 0.020 / 1e9)
-    assert decode_e2e.tokens_per_s_of(step) == pytest.approx(2 / 0.020, rel=1e-3)  # batch / median step
-    assert comm.median_us == pytest.approx(4_000) and comm.ratio == pytest.approx(0.2)
-    table = decode_e2e.tokens_table(rows)
-    assert "| 2 | shm | missing: backend 'shm'" in table and "| 2 | torch | 100.0 | 20.0 (" in table
-    both = {"results": {"shm": decode_e2e.BackendResult(step_s=[0.010], comm_s=[0.001]),
-                        "torch": decode_e2e.BackendResult(step_s=[0.020], comm_s=[0.011])},
-            "weight_bytes_per_rank": 10 ** 6, "threads": 1}
-    shm_row = decode_e2e.rows_for(2, both, args, ["shm", "torch"])[0]
-    assert shm_row.baseline == "tp2 torch" and shm_row.ratio == pytest.approx(2.0)
+    assert "--no-compile" in out.stdout and "--no-peers" in out.stdout

@@ -1,19 +1,16 @@
-"""Host-side logic of the CUDA IPC custom all-reduce, on CPU: algorithm choice, launch plans, limits,
-argument checks, the fall-back predicate, and the communicator's wiring of plans into the launcher.
-The kernels themselves run in tests/gpu/test_cuda_ipc.py."""
-import logging
+"""Host-side decisions of the CUDA IPC custom all-reduce, on CPU: algorithm choice, launch plans (the fused
+kernel's row split included), limits, argument checks, the fall-back predicate (NVLink, the shared-GPU test
+switch), the kernel timeout and its error word. The communicator's lifecycle (connecting, CUDA-graph slots,
+teardown) is tests/test_cuda_ipc_lifecycle.py; the kernels themselves run in tests/gpu/test_cuda_ipc.py."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import assert_close, spawn_ranks
+from conftest import assert_close
 from tp_kernels import _extension, reference
-from tp_kernels.comm import cuda_ipc, ipc_plan
-from tp_kernels.comm.cuda_ipc import CudaIpcCommunicator
+from tp_kernels.comm import ipc_plan, ipc_topology
 from tp_kernels.comm.ipc_plan import ONE_SHOT, TWO_SHOT
-from tp_kernels.distributed import TPGroup
 from tp_kernels.perf.cost_model import HARDWARE
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -116,16 +113,92 @@ def test_grid_grows_with_the_work_up_to_the_limit():
     assert two_shot.n_blocks == min(ipc_plan.MAX_BLOCKS, -(-two_shot.chunk // ipc_plan.THREADS_PER_BLOCK))
 
 
+def _fused_blocks(plan, world_size):
+    """{(owner, block): [(row, pack_lo, pack_hi), ...]}: what block `block` of rank `owner` reduces, as the
+    fused kernel maps it (row_slice in custom_all_reduce.cu: group = block // split, slice = block % split,
+    rows owner's lo + group, + n_groups, ...). In one-shot every rank owns all rows (owner 0 stands for them)."""
+    n_groups = plan.n_blocks // plan.split
+    per_slice = -(-plan.packs_per_row // plan.split)
+    owners = range(world_size) if plan.two_shot else [0]
+    work = {}
+    for q in owners:
+        lo = min(q * plan.chunk, plan.n_rows) if plan.two_shot else 0
+        hi = min(lo + plan.chunk, plan.n_rows)
+        for b in range(plan.n_blocks):
+            group, piece = divmod(b, plan.split)
+            pack_lo = min(piece * per_slice, plan.packs_per_row)
+            pack_hi = min(pack_lo + per_slice, plan.packs_per_row)
+            work[q, b] = [(row, pack_lo, pack_hi) for row in range(lo + group, hi, n_groups)]
+    return work
+
+
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 @pytest.mark.parametrize("algo", [ONE_SHOT, TWO_SHOT])
-def test_fused_plan_gives_every_row_one_owner(world_size, algo):
-    for n_rows in (1, 3, 16, 129):
-        plan = ipc_plan.plan_fused(n_rows, 4096, 2, world_size, algo=algo)
-        assert plan.packs_per_row == 4096 // 8 and plan.n_rows == n_rows
-        assert 1 <= plan.n_blocks <= min(ipc_plan.MAX_BLOCKS, max(plan.chunk, 1))
-        owners = range(world_size) if plan.two_shot else [0]
-        rows = [r for q in owners for r in range(min(q * plan.chunk, n_rows), min((q + 1) * plan.chunk, n_rows))]
-        assert rows == list(range(n_rows))
+@pytest.mark.parametrize("split", [None, 1, 3, 8])
+@pytest.mark.parametrize("max_blocks", [ipc_plan.MAX_BLOCKS, 7])  # 7: a grid limit split does not divide
+def test_fused_plan_gives_every_row_and_pack_one_block(world_size, algo, split, max_blocks):
+    for n_rows, hidden in ((1, 4096), (3, 8192), (16, 4096), (129, 2048), (5, 64)):
+        if split is not None and split > min(hidden // 8, max_blocks):
+            continue
+        plan = ipc_plan.plan_fused(n_rows, hidden, 2, world_size, algo=algo, split=split, max_blocks=max_blocks)
+        assert plan.packs_per_row == hidden // 8 and plan.n_rows == n_rows
+        assert 1 <= plan.n_blocks <= max_blocks and plan.n_blocks % plan.split == 0
+        assert split is None or plan.split == split
+        work = _fused_blocks(plan, world_size)
+        covered = {}
+        for (q, b), items in work.items():
+            for row, pack_lo, pack_hi in items:
+                for c in range(pack_lo, pack_hi):
+                    covered[row, c] = covered.get((row, c), 0) + 1
+        assert covered == {(r, c): 1 for r in range(n_rows) for c in range(plan.packs_per_row)}, plan
+        # the blocks of a row group meet at its barrier once per row: they must see the same rows
+        for q in {q for q, _ in work}:
+            for g in range(plan.n_blocks // plan.split):
+                rows = {tuple(r for r, _, _ in work[q, g * plan.split + k]) for k in range(plan.split)}
+                assert len(rows) == 1, f"row group {g} of owner {q}: blocks iterate different rows {rows}"
+
+
+def test_split_spreads_decode_rows_over_blocks():
+    # one decode token, Llama-70B hidden 8192 in bf16: 1024 packs -> 8 blocks of 128 packs, not one block
+    assert ipc_plan.plan_fused(1, 8192, 2, 8, algo=ONE_SHOT).split == 8
+    assert ipc_plan.choose_split(1, 8192 // 8) == 1024 // ipc_plan.FUSED_MIN_PACKS_PER_BLOCK
+    # rows enough to fill the grid: one block per row, no row-group barrier
+    assert ipc_plan.plan_fused(64, 8192, 2, 2, algo=ONE_SHOT).split == 1
+    # a short row is not split below FUSED_MIN_PACKS_PER_BLOCK packs per block
+    assert ipc_plan.plan_fused(1, 1024, 2, 2).split == 1
+    # split never exceeds MAX_SPLIT nor leaves the grid larger than MAX_BLOCKS
+    for rows in range(1, 70):
+        plan = ipc_plan.plan_fused(rows, 65536, 2, 2, buffer_bytes=2**27)
+        assert plan.split <= ipc_plan.MAX_SPLIT and plan.n_blocks <= ipc_plan.MAX_BLOCKS
+
+
+@pytest.mark.parametrize("split", [0, 65, 9])
+def test_forced_split_out_of_range_raises(split):
+    with pytest.raises(ValueError, match="split must be in"):
+        ipc_plan.plan_fused(1, 64, 2, 2, split=split)  # 64 bf16 = 8 packs: at most 8 blocks
+    with pytest.raises(ValueError, match=r"split must be in \[1, 4\]"):
+        ipc_plan.plan_fused(1, 8192, 2, 2, split=8, max_blocks=4)  # nor more blocks than the grid limit
+
+
+def test_grid_limit_is_what_every_gpu_holds_at_once():
+    # one block per SM: the smallest GPU decides, and ranks sharing a GPU (MPS runs them side by side) split it
+    assert ipc_plan.grid_limit([132, 132], ["a", "b"]) == ipc_plan.MAX_BLOCKS
+    assert ipc_plan.grid_limit([132] * 4, ["a"] * 4) == 33
+    assert ipc_plan.grid_limit([58, 132], ["a", "b"]) == 58  # an L4's 58 SMs: fewer than MAX_BLOCKS
+    assert ipc_plan.grid_limit([132, 132, 132], ["a", "a", "b"]) == ipc_plan.MAX_BLOCKS  # 132 // 2, capped
+    assert ipc_plan.grid_limit([4] * 8, ["a"] * 8) == 0  # nothing fits: the group declines
+
+
+def test_plans_keep_to_the_grid_limit():
+    assert ipc_plan.plan_all_reduce(2**21, 4, 2, max_blocks=33).n_blocks == 33
+    decode = ipc_plan.plan_fused(1, 8192, 2, 8, algo=ONE_SHOT, max_blocks=4)
+    assert decode.split == 4 and decode.n_blocks == 4
+    assert ipc_plan.plan_fused(64, 8192, 2, 2, algo=ONE_SHOT, max_blocks=33).n_blocks == 33
+    for bad in (0, ipc_plan.MAX_BLOCKS + 1):
+        with pytest.raises(ValueError, match="max_blocks must be in"):
+            ipc_plan.plan_all_reduce(64, 4, 2, max_blocks=bad)
+        with pytest.raises(ValueError, match="max_blocks must be in"):
+            ipc_plan.plan_fused(1, 64, 4, 2, max_blocks=bad)
 
 
 @pytest.mark.parametrize("element_size, hidden", [(2, 4100), (4, 4097), (2, 0)])
@@ -158,8 +231,9 @@ def test_compiled_limits_match_the_plan():
     assert _extension._C.cuda_ipc_limits() == {
         "max_world_size": ipc_plan.MAX_WORLD_SIZE, "max_blocks": ipc_plan.MAX_BLOCKS,
         "threads_per_block": ipc_plan.THREADS_PER_BLOCK, "pack_bytes": ipc_plan.PACK_BYTES,
-        "ipc_handle_bytes": ipc_plan.IPC_HANDLE_BYTES, "buffer_record_bytes": ipc_plan.BUFFER_RECORD_BYTES,
-        "max_registered_buffers": 4095}
+        "ipc_handle_bytes": ipc_plan.IPC_HANDLE_BYTES, "max_slots": ipc_plan.MAX_SLOTS,
+        "error_kind_shift": ipc_plan.ERROR_KIND_SHIFT, "error_barrier_timeout": ipc_plan.ERROR_BARRIER_TIMEOUT,
+        "error_null_input": ipc_plan.ERROR_NULL_INPUT}
 
 
 @pytest.mark.parametrize("args, match", [
@@ -207,12 +281,43 @@ def test_buffer_size_must_be_whole_packs(buffer_bytes):
         ipc_plan.check_buffer_bytes(buffer_bytes)
 
 
-def test_timeout_from_environment():
-    assert ipc_plan.timeout_ms({}) == 60_000
-    assert ipc_plan.timeout_ms({"TP_KERNELS_COMM_TIMEOUT": "2.5"}) == 2_500
-    for bad in ("soon", "0", "-1", "inf", "nan"):
-        with pytest.raises(ValueError, match="TP_KERNELS_COMM_TIMEOUT must be"):
-            ipc_plan.timeout_ms({"TP_KERNELS_COMM_TIMEOUT": bad})
+def test_kernel_timeout_is_long_by_default_and_can_be_turned_off():
+    assert ipc_plan.kernel_timeout_ms({}) == 600_000  # a trap ends the job: as long as NCCL's watchdog
+    assert ipc_plan.kernel_timeout_ms({"TP_KERNELS_IPC_TIMEOUT": "2.5"}) == 2_500
+    assert ipc_plan.kernel_timeout_ms({"TP_KERNELS_IPC_TIMEOUT": "0"}) == 0  # wait forever, never trap
+    assert ipc_plan.kernel_timeout_ms({"TP_KERNELS_IPC_TIMEOUT": "0.0001"}) == 1
+    # the CPU communicators' timeout does not shorten the kernel's
+    assert ipc_plan.kernel_timeout_ms({"TP_KERNELS_COMM_TIMEOUT": "5"}) == 600_000
+    for bad in ("soon", "-1", "inf", "nan"):
+        with pytest.raises(ValueError, match="TP_KERNELS_IPC_TIMEOUT must be"):
+            ipc_plan.kernel_timeout_ms({"TP_KERNELS_IPC_TIMEOUT": bad})
+
+
+def test_error_word_is_described():
+    assert ipc_plan.describe_kernel_error(0, 1000) is None
+    timeout = ipc_plan.describe_kernel_error((ipc_plan.ERROR_BARRIER_TIMEOUT << 24) | 3, 2500)
+    assert timeout.startswith("rank 3 did not arrive at a barrier within 2.5 s") and "unusable" in timeout
+    null = ipc_plan.describe_kernel_error((ipc_plan.ERROR_NULL_INPUT << 24) | 4095, 1000)
+    assert "slot 4095" in null and "register_graph_buffers()" in null
+    assert "unknown error word 0x7000001" in ipc_plan.describe_kernel_error(0x7000001, 1000)
+
+
+def test_shared_gpu_switch_from_environment():
+    assert ipc_plan.allow_shared_gpu({}) is False
+    assert ipc_plan.allow_shared_gpu({"TP_KERNELS_IPC_ALLOW_SHARED_GPU": "1"}) is True
+    with pytest.raises(ValueError, match="TP_KERNELS_IPC_ALLOW_SHARED_GPU must be 0 or 1"):
+        ipc_plan.allow_shared_gpu({"TP_KERNELS_IPC_ALLOW_SHARED_GPU": "yes"})
+
+
+def test_transfer_pattern_differs_between_ranks_and_words():
+    n = ipc_plan.transfer_check_words(2**20)
+    assert n * 4 == ipc_plan.TRANSFER_CHECK_BYTES and ipc_plan.transfer_check_words(1024) == 256
+    patterns = [ipc_plan.transfer_pattern(r, n) for r in range(8)]
+    for r, p in enumerate(patterns):
+        assert p.dtype == torch.int32 and p.shape == (n,) and bool((p >= 0).all())
+        assert p.unique().numel() == n, f"rank {r}: repeated words would hide a misplaced block"
+        for q in range(r):
+            assert not bool((p == patterns[q]).any()), f"ranks {q} and {r} share a word at the same position"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,13 +349,49 @@ def _gpus(n):
      "rank 0's GPU cannot access rank 2's GPU"),
 ])
 def test_group_fallback_reason(world_size, local_reasons, hosts, gpus, access, match):
-    assert match in ipc_plan.group_fallback_reason(world_size, local_reasons, hosts, gpus, access)
+    nvlink = _all_reachable(world_size)
+    assert match in ipc_plan.group_fallback_reason(world_size, local_reasons, hosts, gpus, access, nvlink)
+
+
+def test_more_than_two_ranks_need_nvlink():
+    pcie_pair = [[True, True, True, True], [True, True, True, True], [True, True, True, False],
+                 [True, True, False, True]]
+    reason = ipc_plan.group_fallback_reason(4, [None] * 4, ["a"] * 4, _gpus(4), _all_reachable(4), pcie_pair)
+    assert "rank 2's GPU and rank 3's are not connected by NVLink" in reason
+    unknown = [[True if r == q else None for q in range(4)] for r in range(4)]
+    assert "NVML unavailable" in ipc_plan.group_fallback_reason(4, [None] * 4, ["a"] * 4, _gpus(4),
+                                                                _all_reachable(4), unknown)
+    assert "NVML unavailable" in ipc_plan.group_fallback_reason(4, [None] * 4, ["a"] * 4, _gpus(4),
+                                                                _all_reachable(4), None)
+    # two ranks over PCIe: one-shot moves what NCCL moves, with one barrier; no NVLink needed
+    assert ipc_plan.group_fallback_reason(2, [None] * 2, ["a"] * 2, _gpus(2), _all_reachable(2),
+                                          [[True, False], [False, True]]) is None
+
+
+def test_shared_gpu_needs_the_test_switch():
+    one_gpu = ["0000:10:00"] * 4
+    reason = ipc_plan.group_fallback_reason(4, [None] * 4, ["a"] * 4, one_gpu, _all_reachable(4), None)
+    assert "ranks 0 and 1 share the GPU 0000:10:00" in reason and "TP_KERNELS_IPC_ALLOW_SHARED_GPU=1" in reason
+    # with the switch: no NVLink is needed between ranks of one GPU, and NVML is not asked
+    assert ipc_plan.group_fallback_reason(4, [None] * 4, ["a"] * 4, one_gpu, _all_reachable(4), None,
+                                          allow_shared_gpu=True) is None
+    # two GPUs, two ranks each: the pairs across the GPUs still need NVLink
+    two_gpus = ["0000:10:00", "0000:11:00"] * 2
+    no_link = [[two_gpus[r] == two_gpus[q] for q in range(4)] for r in range(4)]
+    assert "not connected by NVLink" in ipc_plan.group_fallback_reason(
+        4, [None] * 4, ["a"] * 4, two_gpus, _all_reachable(4), no_link, allow_shared_gpu=True)
 
 
 @pytest.mark.parametrize("world_size", [2, 8])
 def test_group_without_obstacles_uses_ipc(world_size):
     assert ipc_plan.group_fallback_reason(world_size, [None] * world_size, ["a"] * world_size, _gpus(world_size),
-                                          _all_reachable(world_size)) is None
+                                          _all_reachable(world_size), _all_reachable(world_size)) is None
+
+
+def test_nvlink_unknown_without_nvml():
+    row = ipc_topology.nvlink_row("0000:10:00", ["0000:10:00", "0000:11:00", None], library="libnot-nvml.so.0")
+    assert row == [True, None, None]
+    assert ipc_topology.nvlink_row(None, ["0000:10:00"]) == [None]
 
 
 def test_tensor_fallback_reason():
@@ -261,126 +402,3 @@ def test_tensor_fallback_reason():
     assert "dtype torch.float64" in ipc_plan.tensor_fallback_reason(
         torch.empty(4, dtype=torch.float64, device=meta), meta, 2**23)
     assert "tensor is on cpu" in ipc_plan.tensor_fallback_reason(torch.empty(4), meta, 2**23)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the communicator without a GPU
-# ----------------------------------------------------------------------------------------------------------
-def test_single_rank_gets_no_communicator_and_no_warning(caplog):
-    cuda_ipc._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="tp_kernels.comm.cuda_ipc"):
-        assert CudaIpcCommunicator.create(TPGroup.single()) is None
-    assert not [r for r in caplog.records if "CUDA IPC all-reduce disabled" in r.getMessage()]
-
-
-class _TwoRanks:
-    world_size, rank, process_group = 2, 0, None
-
-
-@pytest.mark.parametrize("gpu_present", [True, False])
-def test_declining_warns_once_only_where_a_gpu_would_have_used_it(caplog, monkeypatch, gpu_present):
-    cuda_ipc._warned.clear()
-    monkeypatch.setattr(CudaIpcCommunicator, "probe", staticmethod(lambda tp, device=None: ("peers unreachable", None)))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu_present)
-    with caplog.at_level(logging.WARNING, logger="tp_kernels.comm.cuda_ipc"):
-        assert CudaIpcCommunicator.create(_TwoRanks()) is None
-        assert CudaIpcCommunicator.create(_TwoRanks()) is None
-    warnings = [r.getMessage() for r in caplog.records if "CUDA IPC all-reduce disabled" in r.getMessage()]
-    assert warnings == (["CUDA IPC all-reduce disabled, NCCL is used instead: peers unreachable"] if gpu_present else [])
-
-
-def _probe_with_rank1_without_cuda(tp):
-    is_available = torch.cuda.is_available
-    if tp.rank == 1:  # whatever rank 0 has, rank 1 cannot take part: every rank must decline
-        torch.cuda.is_available = lambda: False
-    try:
-        reason, device = CudaIpcCommunicator.probe(tp)
-        return reason, device, CudaIpcCommunicator.create(tp) is None
-    finally:
-        torch.cuda.is_available = is_available
-
-
-def test_ranks_agree_when_one_cannot_take_part():
-    results = spawn_ranks(2, _probe_with_rank1_without_cuda)
-    reasons = {r[0] for r in results}
-    assert len(reasons) == 1, f"ranks disagree: {reasons}"
-    reason = reasons.pop()
-    # rank 0 names itself when this machine has no CUDA (or no CUDA build), else rank 1
-    assert reason.startswith(("rank 0: ", "rank 1: ")) and "CUDA" in reason
-    assert all(device is None and declined for _, device, declined in results)
-
-
-class _RecordingLauncher:
-    """Stands in for _C.CustomAllReduce: records what the communicator passes and returns the sum that a
-    group of `world_size` identical inputs would give."""
-
-    def __init__(self, world_size):
-        self.world_size, self.calls = world_size, []
-
-    def timed_out_peer(self):
-        return -1
-
-    def all_reduce(self, x, out, two_shot, n_blocks, chunk, registered, timeout_ms):
-        self.calls.append(("all_reduce", two_shot, n_blocks, chunk, registered, timeout_ms))
-        out.copy_(x * self.world_size)
-
-
-def _communicator(world_size, launcher, buffer_bytes=ipc_plan.DEFAULT_BUFFER_BYTES):
-    tp = SimpleNamespace(rank=0, world_size=world_size, process_group=None)
-    return CudaIpcCommunicator(tp, launcher, CPU, buffer_bytes)
-
-
-@pytest.mark.parametrize("world_size, numel", [(2, 37), (8, 2**20)])
-def test_communicator_launches_the_plan(world_size, numel):
-    launcher = _RecordingLauncher(world_size)
-    comm = _communicator(world_size, launcher)
-    x = torch.randn(numel)
-    y = comm.all_reduce(x)
-    plan = ipc_plan.plan_all_reduce(numel, 4, world_size)
-    assert launcher.calls == [("all_reduce", plan.two_shot, plan.n_blocks, plan.chunk, False, comm.timeout_ms)]
-    assert plan.algo == (ONE_SHOT if world_size == 2 else TWO_SHOT)
-    torch.testing.assert_close(y, x * world_size)
-
-
-def test_communicator_checks_before_launching():
-    launcher = _RecordingLauncher(2)
-    comm = _communicator(2, launcher, buffer_bytes=1024)
-    with pytest.raises(TypeError, match="x must have dtype"):
-        comm.all_reduce(torch.zeros(4, dtype=torch.float64))
-    with pytest.raises(ValueError, match="exceeds the IPC buffer"):
-        comm.all_reduce(torch.zeros(257))
-    assert not comm.applies(torch.zeros(4))  # CPU tensors are never the IPC path's
-    assert launcher.calls == []
-
-
-def test_fused_falls_back_to_two_steps_with_a_warning(caplog):
-    if _extension._C is None:
-        pytest.skip("tp_kernels._C is not built: add_rmsnorm is unavailable")
-    cuda_ipc._warned.clear()
-    launcher = _RecordingLauncher(2)
-    comm = _communicator(2, launcher)
-    x, residual, weight = torch.randn(3, 10), torch.randn(3, 10), torch.randn(10)  # 10 is not whole packs
-    with caplog.at_level(logging.WARNING, logger="tp_kernels.comm.cuda_ipc"):
-        normed, new_residual = comm.allreduce_residual_rmsnorm(x, residual, weight, 1e-6)
-    assert any("hidden must be a positive multiple of 4" in r.getMessage() for r in caplog.records)
-    expected_normed, expected_residual = reference.add_rmsnorm((x * 2).double(), residual.double(),
-                                                               weight.double(), 1e-6)
-    assert_close(new_residual, expected_residual, torch.float32, reduction_len=2)
-    assert_close(normed, expected_normed, torch.float32, reduction_len=10)
-    assert [c[0] for c in launcher.calls] == ["all_reduce"]
-
-
-def test_closed_communicator_refuses_work():
-    comm = _communicator(2, _RecordingLauncher(2))
-    comm._impl = None
-    assert not comm.applies(torch.zeros(4))
-    with pytest.raises(RuntimeError, match="closed"):
-        comm.all_reduce(torch.zeros(4))
-
-
-def test_timed_out_peer_is_named():
-    launcher = _RecordingLauncher(4)
-    launcher.timed_out_peer = lambda: 3
-    comm = _communicator(4, launcher)
-    with pytest.raises(RuntimeError, match="rank 3 did not arrive"):
-        comm.all_reduce(torch.zeros(4))

@@ -50,3 +50,28 @@ def test_cli_on_a_hf_directory_with_its_tokenizer(tmp_path, capsys):
     words = text.split()
     assert len(words) == 4 and all(w.startswith("w") and 0 <= int(w[1:]) < vocab for w in words), text
     assert "prefill: 3 tokens" in stats and "decode: 3 steps" in stats
+
+
+def _readme_preset_commands():
+    """The `python -m tp_kernels.generate --model tiny ...` lines of README.md, as printed."""
+    import shlex
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme) as f:
+        lines = [line.strip() for line in f if line.startswith("python -m tp_kernels.generate --model tiny")]
+    return [shlex.split(line) for line in lines]
+
+
+@pytest.mark.parametrize("argv", _readme_preset_commands(), ids=lambda argv: " ".join(argv[3:]))
+def test_readme_preset_commands_run_as_printed(argv):
+    """Each README command on the tiny preset (plain and --compile: a TP=2 Inductor compile, ~1 min here)."""
+    assert argv[:3] == ["python", "-m", "tp_kernels.generate"]
+    proc = subprocess.run([sys.executable] + argv[1:], env=_env_importing_this_tp_kernels(), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "decode: 31 steps" in proc.stdout
+    assert ("compile: " in proc.stdout) == ("--compile" in argv)
+
+
+def test_readme_prints_the_compile_command():
+    assert any("--compile" in argv for argv in _readme_preset_commands())

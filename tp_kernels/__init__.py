@@ -4,14 +4,15 @@
     tp = tp_kernels.TPGroup.init()                    # or TPGroup.from_group(pg), TPGroup.single()
     y = tp_kernels.ops.gemm_allreduce(x, w, b, tp)     # torch.ops.tp_kernels.* with typed wrappers
     layer = tp_kernels.layers.RowParallelLinear.from_linear(linear, tp)
-    model = tp_kernels.parallelize(hf_model, tp)      # a Hugging Face Llama, Qwen2 or GPT-2, in place
+    model = tp_kernels.parallelize(hf_model, tp)      # a Hugging Face causal LM (Llama, Qwen3, Phi3, ...), in place
+    tp_kernels.save_pretrained(model, "out/")         # every rank: one full checkpoint transformers reloads
 
 Importing initializes no CUDA and works without the compiled extension (with a warning).
 """
 from tp_kernels import _extension  # noqa: F401  (loads _C first: it declares the op schemas)
 from tp_kernels import layers, ops, reference  # noqa: F401
 from tp_kernels.distributed import TPGroup
-from tp_kernels.parallelize import parallelize  # transformers is imported only when it is called
+from tp_kernels.parallelize import parallelize, save_pretrained  # transformers is imported only when called
 
 __version__ = "0.1.0"
-__all__ = ["TPGroup", "layers", "ops", "parallelize", "reference"]
+__all__ = ["TPGroup", "layers", "ops", "parallelize", "reference", "save_pretrained"]

@@ -1,7 +1,7 @@
 """Generate text with the tensor-parallel GPT decoder.
 
     python -m tp_kernels.generate --model PATH|PRESET --tp N --prompt TEXT --max-new-tokens K \\
-        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype float32|bfloat16|float16]
+        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype float32|bfloat16|float16] [--compile]
 
 PATH is a local Hugging Face model directory (config.json, *.safetensors, optionally tokenizer.json);
 PRESET is a name from tp_kernels.models.PRESETS, with seeded random weights. Under torchrun (RANK and
@@ -35,6 +35,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (and weight seed of a preset)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step with torch.compile(fullgraph=True) (CUDA: as a CUDA graph)")
     args = parser.parse_args(argv)
     if args.tp is not None and args.tp < 1:
         parser.error(f"--tp must be >= 1, got {args.tp}")
@@ -67,9 +69,10 @@ def _run_rank(tp, args: argparse.Namespace, device: str):
     if not prompt:
         raise ValueError("--prompt encodes to no tokens")
     # Untimed warm-up: the first call of a torch custom op imports torch._dynamo (3.3 s on this 2-core box).
-    generate(model, [prompt], 2, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    tokens, stats = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, seed=args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    generate(model, [prompt], 2, **sampling)
+    # --compile: generate compiles the step before its timed part (stats.compile_s)
+    tokens, stats = generate(model, [prompt], args.max_new_tokens, compile=args.compile, **sampling)
     return tokenizer.decode(tokens[0]), tokens[0], stats
 
 
@@ -79,7 +82,8 @@ def report(text: str, stats, world_size: int) -> str:
             f"prefill: {stats.n_prompt_tokens} tokens, {stats.prefill_tokens_per_s:.1f} tokens/s\n"
             f"decode: {stats.n_decode_steps} steps, {stats.decode_tokens_per_s:.1f} tokens/s, "
             f"{stats.decode_weight_gb_per_s:.3f} GB/s of weights per rank "
-            f"({stats.weight_bytes_per_rank / 1e6:.2f} MB per rank per step, tp={world_size})")
+            f"({stats.decode_bytes_per_rank / 1e6:.2f} MB read per rank per step, tp={world_size})"
+            + (f"\ncompile: {stats.compile_s:.1f} s (the first call of the compiled decode step)" if stats.compile_s else ""))
 
 
 def _under_torchrun() -> bool:

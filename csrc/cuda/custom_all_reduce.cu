@@ -33,6 +33,41 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return t;
 }
 
+// GPU-scope (this rank's blocks only) primitives of the fused kernel's row-group barrier.
+__device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* addr) {
+  uint32_t value;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(addr) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void store_release_gpu(uint32_t* addr, uint32_t value) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(addr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ void store_relaxed_gpu(uint32_t* addr, uint32_t value) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(addr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ uint32_t fetch_add_acq_rel_gpu(uint32_t* addr, uint32_t value) {
+  uint32_t old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(addr), "r"(value) : "memory");
+  return old;
+}
+
+__device__ __forceinline__ float load_relaxed_gpu(const float* addr) {
+  float value;
+  asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(value) : "l"(addr) : "memory");
+  return value;
+}
+
+// Records what went wrong where the host can read it after the trap (the context is then unusable, so the
+// host-mapped word is the only way out), then aborts the kernel.
+__device__ __forceinline__ void fail(const Params& p, int kind, int detail) {
+  *reinterpret_cast<volatile int*>(p.error_word) = (kind << kErrorKindShift) | detail;
+  __threadfence_system();
+  __trap();
+}
+
 // A cross-rank barrier of block blockIdx.x with the blocks of the same index on every rank.
 __device__ __forceinline__ void barrier(const Params& p, uint32_t value) {
   __syncthreads();  // this block's reads and writes before the barrier are done: they are what it publishes
@@ -48,12 +83,9 @@ __device__ __forceinline__ void barrier(const Params& p, uint32_t value) {
     if (static_cast<int32_t>(load_acquire_sys(slot) - value) < 0) {
       const uint64_t start = global_timer_ns();
       while (static_cast<int32_t>(load_acquire_sys(slot) - value) < 0) {
-        if (global_timer_ns() - start > p.timeout_ns) {
-          // A hang would freeze the whole job; record which rank never arrived and abort the kernel.
-          *reinterpret_cast<volatile int*>(p.error_word) = peer + 1;
-          __threadfence_system();
-          __trap();
-        }
+        // A hang would freeze the whole job: after timeout_ns (0: never) record which rank never arrived
+        // and abort. The trap makes this process's CUDA context unusable, hence a long default (600 s).
+        if (p.timeout_ns != 0 && global_timer_ns() - start > p.timeout_ns) fail(p, kErrorBarrierTimeout, peer);
       }
     }
   }
@@ -169,17 +201,74 @@ __device__ __forceinline__ uint32_t plain_body(const Params& p, const RankData& 
   return 3;
 }
 
+// The sum of block_total over the p.split blocks that share this block's row (blocks [g * split, (g + 1) *
+// split) of this rank), added in block order so that every block of the group, and every rank, gets the same
+// bits. A sense-reversing barrier: a block reads the group's generation before arriving; the last block to
+// arrive resets the count and publishes generation + 1; the others wait for it. The blocks of a group are
+// co-resident: the host refuses a grid larger than what the GPU holds at once (max_resident_blocks; the plan
+// caps it at that, divided by the ranks that share the GPU), so waiting for each other cannot deadlock as long
+// as no other kernel that never finishes (another spin-waiting communicator) holds the SMs; they wait only for
+// local work (their loads after [B1]).
+__device__ __forceinline__ float row_group_sum(const Params& p, float block_total) {
+  if (p.split == 1) return block_total;
+  __shared__ float group_total;
+  if (threadIdx.x == 0) {
+    Flags* mine = p.flags[p.rank];
+    const int group = blockIdx.x / p.split, first = group * p.split;
+    // Read before arriving: the previous barrier of this group is complete (this block passed it, or the
+    // previous kernel on this stream did), so this is the value the last arriver of this one increments.
+    const uint32_t generation = load_acquire_gpu(&mine->group_generation[group]);
+    mine->partial_sum_sq[blockIdx.x] = block_total;  // published by the release of the add below
+    // [G] matches the acquire of the last arriver's add (it reads every partial) and, through its release
+    // of the generation, the waiters' acquire below.
+    if (fetch_add_acq_rel_gpu(&mine->group_arrived[group], 1) == static_cast<uint32_t>(p.split - 1)) {
+      store_relaxed_gpu(&mine->group_arrived[group], 0);  // ordered before the release below: the next
+      store_release_gpu(&mine->group_generation[group], generation + 1);  // barrier starts from 0
+    } else {
+      while (load_acquire_gpu(&mine->group_generation[group]) == generation) {
+      }
+    }
+    float total = 0.f;
+    for (int b = first; b < first + p.split; ++b) total += load_relaxed_gpu(&mine->partial_sum_sq[b]);
+    group_total = total;
+  }
+  __syncthreads();  // publishes group_total
+  const float total = group_total;
+  __syncthreads();  // every thread has read group_total before a later row overwrites it
+  return total;
+}
+
+// Which part of the fused kernel's rows this block owns: rows row_lo + group, + n_groups, ... and, of each,
+// the packs [pack_lo, pack_hi). The same mapping in every phase, so the all-gather of two-shot copies from
+// a peer exactly what the peer's block of the same index wrote.
+struct RowSlice {
+  int group, n_groups;
+  int64_t pack_lo, pack_hi;
+};
+
+__device__ __forceinline__ RowSlice row_slice(const Params& p) {
+  RowSlice s;
+  s.group = blockIdx.x / p.split;
+  s.n_groups = gridDim.x / p.split;
+  s.pack_lo = min(static_cast<int64_t>(blockIdx.x % p.split) * p.packs_per_slice, p.packs_per_row);
+  s.pack_hi = min(s.pack_lo + p.packs_per_slice, p.packs_per_row);
+  return s;
+}
+
 // Rows [row_lo, row_hi) of new_residual = all_reduce(x) + residual and normed = rmsnorm(new_residual),
-// one block per row, written to new_residual_out / normed_out (indexed by global row).
+// written to new_residual_out / normed_out (indexed by global row). A row is split over p.split blocks (a
+// decode step of one token then uses p.split SMs, not one); their sums of squares meet in row_group_sum.
 template <typename scalar_t>
 __device__ __forceinline__ void fused_rows(const Params& p, const RankData& in, int64_t row_lo, int64_t row_hi,
                                            void* new_residual_out, void* normed_out) {
   constexpr int kElems = Pack<scalar_t>::kElems;
   const float inv_hidden = 1.f / to_float(p.packs_per_row * kElems);
+  const RowSlice slice = row_slice(p);
   float acc[kElems];
-  for (int64_t row = row_lo + blockIdx.x; row < row_hi; row += gridDim.x) {  // block-uniform trip count
+  // the trip count is the same for every thread of the block and every block of the group
+  for (int64_t row = row_lo + slice.group; row < row_hi; row += slice.n_groups) {
     float sum_sq = 0.f;
-    for (int64_t c = threadIdx.x; c < p.packs_per_row; c += blockDim.x) {
+    for (int64_t c = slice.pack_lo + threadIdx.x; c < slice.pack_hi; c += blockDim.x) {
       const int64_t i = row * p.packs_per_row + c;
       reduce_pack<scalar_t>(in, p.world_size, i, acc);
       const Pack<scalar_t> res = load_pack<scalar_t>(p.residual, i);
@@ -194,8 +283,9 @@ __device__ __forceinline__ void fused_rows(const Params& p, const RankData& in, 
       }
       store_pack(new_residual_out, i, s);
     }
-    const float inv_rms = rsqrtf(block_sum<kThreadsPerBlock>(sum_sq) * inv_hidden + p.eps);
-    for (int64_t c = threadIdx.x; c < p.packs_per_row; c += blockDim.x) {
+    const float row_sum_sq = row_group_sum(p, block_sum<kThreadsPerBlock>(sum_sq));
+    const float inv_rms = rsqrtf(row_sum_sq * inv_hidden + p.eps);
+    for (int64_t c = slice.pack_lo + threadIdx.x; c < slice.pack_hi; c += blockDim.x) {
       const int64_t i = row * p.packs_per_row + c;
       const Pack<scalar_t> s = load_pack<scalar_t>(new_residual_out, i);  // this thread's own store above
       const Pack<scalar_t> w = load_pack<scalar_t>(p.weight, c);
@@ -221,12 +311,13 @@ __device__ __forceinline__ uint32_t fused_body(const Params& p, const RankData& 
   char* mine = p.results[p.rank];
   fused_rows<scalar_t>(p, in, lo, hi, mine, mine + p.normed_offset_bytes);
   barrier(p, base + 2);  // [B2] every rank's rows are in its results region
-  // all-gather, rows block-strided as in fused_rows
+  // all-gather: the rows and packs this block's counterpart wrote on each owner (row_slice)
+  const RowSlice slice = row_slice(p);
   for (int q = 0; q < p.world_size; ++q) {
     const int64_t q_lo = min(q * p.chunk, p.n_rows), q_hi = min(q_lo + p.chunk, p.n_rows);
     const char* theirs = p.results[q];
-    for (int64_t row = q_lo + blockIdx.x; row < q_hi; row += gridDim.x) {
-      for (int64_t c = threadIdx.x; c < p.packs_per_row; c += blockDim.x) {
+    for (int64_t row = q_lo + slice.group; row < q_hi; row += slice.n_groups) {
+      for (int64_t c = slice.pack_lo + threadIdx.x; c < slice.pack_hi; c += blockDim.x) {
         const int64_t i = row * p.packs_per_row + c;
         store_pack(p.out, i, load_pack<scalar_t>(theirs, i));
         store_pack(p.normed, i, load_pack<scalar_t>(theirs + p.normed_offset_bytes, i));
@@ -237,18 +328,35 @@ __device__ __forceinline__ uint32_t fused_body(const Params& p, const RankData& 
   return 3;
 }
 
+// A slot whose peer pointers were never filled (a graph replayed before register_graph_buffers, or after
+// release_graph_buffers: the table is zeroed) would read address 0 + offset of some peer: trap instead.
+__device__ __forceinline__ void check_inputs(const Params& p, const RankData& in) {
+  bool missing = false;
+#pragma unroll
+  for (int r = 0; r < kMaxWorldSize; ++r) missing |= r < p.world_size && in.ptr[r] == nullptr;
+  if (missing) fail(p, kErrorNullInput, p.slot);
+}
+
 template <typename scalar_t, bool kFused>
 __global__ void __launch_bounds__(kThreadsPerBlock) all_reduce_kernel(const Params p) {
   __shared__ uint32_t base_value;
   if (threadIdx.x == 0) base_value = p.flags[p.rank]->counter[blockIdx.x];
   __syncthreads();  // publishes base_value
   const uint32_t base = base_value;
-  // [B1] every rank's input is in place: staged copies and registered inputs were written by work
+  // [B1] every rank's input is in place: staged copies and captured inputs were written by work
   // ordered before this kernel on each rank's stream.
   barrier(p, base + 1);
   const RankData in = *p.inputs;
+  check_inputs(p, in);
   const uint32_t n_barriers = kFused ? fused_body<scalar_t>(p, in, base) : plain_body<scalar_t>(p, in, base);
   if (threadIdx.x == 0) p.flags[p.rank]->counter[blockIdx.x] = base + n_barriers;
+}
+
+__global__ void __launch_bounds__(kThreadsPerBlock) peer_read_kernel(const uint4* src, uint4* dst, int64_t n_packs) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_packs; i += stride) {
+    dst[i] = src[i];
+  }
 }
 
 }  // namespace
@@ -271,6 +379,39 @@ cudaError_t launch_all_reduce(const Params& params, DType dtype, bool fused, int
     default:
       return cudaErrorInvalidValue;
   }
+  return cudaGetLastError();
+}
+
+cudaError_t max_resident_blocks(int device, int* blocks) {
+  // The barriers need every block of a launch resident at once (block b of a rank waits for block b of the
+  // peers, and the split rows of the fused kernel for the other blocks of their row): at 512 threads and
+  // ~100-128 registers one block fills an SM's 64 K registers, so this is the SM count on sm_80/sm_90.
+  int sms = 0;
+  cudaError_t error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (error != cudaSuccess) return error;
+  const void* kernels[] = {
+      reinterpret_cast<const void*>(&all_reduce_kernel<float, false>),
+      reinterpret_cast<const void*>(&all_reduce_kernel<float, true>),
+      reinterpret_cast<const void*>(&all_reduce_kernel<__half, false>),
+      reinterpret_cast<const void*>(&all_reduce_kernel<__half, true>),
+      reinterpret_cast<const void*>(&all_reduce_kernel<__nv_bfloat16, false>),
+      reinterpret_cast<const void*>(&all_reduce_kernel<__nv_bfloat16, true>)};
+  int per_sm = -1;
+  for (const void* kernel : kernels) {
+    int n = 0;
+    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreadsPerBlock, 0);
+    if (error != cudaSuccess) return error;
+    per_sm = per_sm < 0 || n < per_sm ? n : per_sm;
+  }
+  *blocks = per_sm * sms;
+  return cudaSuccess;
+}
+
+cudaError_t launch_peer_read(const void* src, void* dst, int64_t n_packs, cudaStream_t stream) {
+  if (n_packs <= 0) return cudaSuccess;
+  const int64_t blocks = (n_packs + kThreadsPerBlock - 1) / kThreadsPerBlock;
+  peer_read_kernel<<<static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks), kThreadsPerBlock, 0,
+                     stream>>>(static_cast<const uint4*>(src), static_cast<uint4*>(dst), n_packs);
   return cudaGetLastError();
 }
 

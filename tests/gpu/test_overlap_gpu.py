@@ -1,6 +1,8 @@
 """The CUDA pipelines of the overlapped ops (tp_kernels.ops.overlap_cuda): correctness of the two-stream
-schedule for every chunk count, CUDA-graph capture and replay, and (with 2+ GPUs) NCCL ranks against the
-float64 reference. Skipped without CUDA; run on a GPU node with `pytest tests/gpu -q`.
+schedule for every chunk count, CUDA-graph capture and replay, (with 2+ GPUs) NCCL ranks against the
+float64 reference, and the CUDA IPC all-reduce serving the pipeline's chunks, eager and captured (on any
+number of GPUs, one included: tests/gpu/ranks.py). Skipped without CUDA; run on a GPU node with
+`pytest tests/gpu -q`.
 
 Outputs are poisoned: deterministic mode makes torch.empty fill the ops' output buffers with NaN.
 """
@@ -13,7 +15,9 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import assert_close, requires_cuda
+from ranks import run_on_gpus
 from tp_kernels import ops, reference
+from tp_kernels.comm.base import Communicator, IdentityCommunicator, TorchCommunicator
 from tp_kernels.distributed import TPGroup
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -117,3 +121,67 @@ def test_nccl_ranks_match_reference():
             else:
                 expected = reference.allgather_gemm(x64, w64[rank], bs[rank].double())
             assert_close(y, expected, torch.float32, 64 * world_size, msg=f"{op} rank {rank} chunks={chunks}")
+
+
+class _Counting(Communicator):
+    """Forwards to a communicator and counts its all-reduces: proves which backend served the pipeline."""
+
+    def __init__(self, inner):
+        self.inner, self.calls, self.name = inner, 0, inner.name
+
+    def applies(self, x):
+        return self.inner.applies(x)
+
+    def all_reduce(self, x):
+        self.calls += 1
+        return self.inner.all_reduce(x)
+
+    def close(self):
+        self.inner.close()
+
+
+def _ipc_under_overlap(rank):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # torch.empty fills NaN: unwritten rows show
+    try:
+        ipc = _Counting(rank.ipc_communicator())
+        fallback = TorchCommunicator(rank.nccl if rank.nccl is not None else rank.tp.process_group)
+        tp = TPGroup(rank=rank.rank, world_size=rank.world_size, name=f"ipc-overlap-{rank.world_size}",
+                     process_group=rank.tp.process_group,
+                     communicators=[IdentityCommunicator(rank.world_size), ipc, fallback])
+        m, n, k, chunks = 64, 256, 128, 4  # k: this rank's shard of the input features
+        g = torch.Generator().manual_seed(rank.rank)
+        x = torch.randn(m, k, generator=g).to(rank.device)
+        w = torch.randn(n, k, generator=g).to(rank.device)
+        bias = torch.randn(n, generator=torch.Generator().manual_seed(99)).to(rank.device)
+
+        def check(y, msg):
+            expected = reference.gemm_allreduce([xi.double() for xi in rank.gather(x)],
+                                                [wi.double() for wi in rank.gather(w)], bias.double())
+            assert_close(y, expected, torch.float32, k * rank.world_size, msg=f"{msg} rank {rank.rank}")
+
+        check(ops.gemm_allreduce(x, w, bias, tp, chunks), "eager")
+        eager_calls = ipc.calls
+        graph = torch.cuda.CUDAGraph()
+        with ipc.inner.capture():  # the chunks' all-reduces run on the communication stream, captured
+            with torch.cuda.graph(graph):
+                y = ops.gemm_allreduce(x, w, bias, tp, chunks)
+        captured_slots = ipc.inner._graphs.next_slot - 1
+        for step in range(2):
+            x.copy_(torch.randn(m, k, generator=g).to(rank.device))
+            y.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            check(y, f"replay {step}")
+        ipc.inner.release_graph_buffers()  # the peers unmap this graph's memory before it is freed
+        del graph
+        tp.close()  # closes the IPC communicator (collective)
+        return eager_calls, captured_slots
+    finally:
+        torch.use_deterministic_algorithms(previous)  # the rank processes are pooled
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ipc_all_reduce_under_the_overlap_pipeline(world_size):
+    # one IPC all-reduce per chunk, eager and captured (each captured call in a slot of its own)
+    assert run_on_gpus(world_size, _ipc_under_overlap) == [(4, 4)] * world_size

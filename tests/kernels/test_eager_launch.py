@@ -113,10 +113,3 @@ def test_eager_launches_do_not_take_the_wrap_triton_path(measured):
     assert measured["direct_side_table_growth"] == [0, 0], "eager launches grew torch's kernel side table"
     # the contrast path does grow it, one entry per call: the check above can fail
     assert measured["wrap_triton_side_table_growth"] == n_calls, measured
-
-
-def test_eager_launch_host_time_is_a_fraction_of_the_wrap_triton_path(measured):
-    """Generous: the direct path took ~10-40 us and the wrap_triton one ~300 us here (loaded 2-core VM);
-    a factor of 3 still catches a launch that goes through the higher-order op again."""
-    for name, direct_us in measured["direct"].items():
-        assert direct_us * 3 < measured["wrap_triton"][name], (name, measured)

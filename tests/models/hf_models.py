@@ -2,7 +2,8 @@
 
 Shapes are chosen to hit the odd cases: vocab 101 is divisible by neither 2 nor 4; the Llama model has
 grouped-query attention (4 heads, 2 KV heads: replicated at TP=4) and is saved sharded with an index; the
-Qwen2 model has one KV head (replicated at TP=2 and 4), QKV biases and a tied head. initializer_range 0.2
+Qwen2 model has one KV head (replicated at TP=2 and 4), QKV biases and a tied head; Qwen3 normalizes each q and
+k head (its norms get random weights too) and its attention is wider than hidden. initializer_range 0.2
 (HF's default is 0.02) makes logits O(5), so a wrong weight shows far above rounding.
 """
 import json
@@ -14,8 +15,9 @@ VOCAB = 101
 
 
 def build(family: str):
-    """(model class, HF model) of the tiny test model of family llama, qwen2 or gpt2, in float32."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """(model class, HF model) of the tiny test model of family llama, mistral, qwen2, qwen3 or gpt2, in float32."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     if family == "llama":
         cls, config = LlamaForCausalLM, LlamaConfig(
@@ -26,6 +28,16 @@ def build(family: str):
         cls, config = Qwen2ForCausalLM, Qwen2Config(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=True)
+    elif family == "mistral":  # the sliding window caps the decoder's max_seq_len (longer than the tests)
+        cls, config = MistralForCausalLM, MistralConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, sliding_window=40, initializer_range=0.2,
+            bos_token_id=None, eos_token_id=None)
+    elif family == "qwen3":  # head_dim 32: the attention (128 wide) is wider than hidden (64)
+        cls, config = Qwen3ForCausalLM, Qwen3Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=64, initializer_range=0.2,
+            tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
     elif family == "gpt2":
         cls, config = GPT2LMHeadModel, GPT2Config(
             vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2,

@@ -26,6 +26,21 @@ def test_older_top_level_rope_theta_and_qwen2_biases():
     assert args.rope_theta == 1e6 and args.qkv_bias and not args.o_bias
 
 
+def test_mistral_sliding_window_caps_the_sequence():
+    # key k is visible from query q when q - k < sliding_window: within the window, full attention is exact
+    args = ModelArgs.from_hf_config(dict(LLAMA, model_type="mistral", sliding_window=32))
+    assert args.max_seq_len == 32 and not (args.qkv_bias or args.o_bias or args.qk_norm)
+    assert ModelArgs.from_hf_config(dict(LLAMA, model_type="mistral", sliding_window=None)).max_seq_len == 64
+
+
+def test_qwen3_has_per_head_qk_norms_and_its_own_head_dim():
+    args = ModelArgs.from_hf_config(dict(LLAMA, model_type="qwen3", head_dim=32, attention_bias=False))
+    assert args.qk_norm and args.head_dim == 32 and not args.qkv_bias
+    assert args.n_params == ModelArgs.from_hf_config(dict(LLAMA, head_dim=32)).n_params + 2 * 2 * 32
+    with pytest.raises(ValueError, match="qk_norm .* is a llama-family option"):
+        ModelArgs.from_name("tiny-gpt2").replace(qk_norm=True)
+
+
 def test_gpt2_config_from_a_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(GPT2))
     args = ModelArgs.from_hf_config(tmp_path)

@@ -28,7 +28,25 @@ def test_stats_count_what_ran(model):
     tokens, stats = generate(model, [[1, 2, 3, 4]], 5, eos_token_ids=())
     assert len(tokens[0]) == 5 and stats.n_prompt_tokens == 4 and stats.n_decode_steps == 4
     assert stats.weight_bytes_per_rank == sum(p.numel() * 4 for p in model.parameters())
-    assert stats.decode_tokens_per_s > 0 and stats.prefill_tokens_per_s > 0
+    assert stats.decode_bytes_per_rank == model.decode_bytes_per_rank(4 + 4 // 2)
+    assert len(stats.step_s) == 4 and all(s > 0 for s in stats.step_s) and sum(stats.step_s) <= stats.decode_s
+    assert stats.decode_tokens_per_s > 0 and stats.prefill_tokens_per_s > 0 and stats.compile_s == 0
+
+
+def test_decode_bytes_per_rank_counts_what_a_step_reads(model):
+    """Every weight but the embedding rows not looked up (tiny is untied), plus k and v of kv_len positions."""
+    args = model.args
+    n_params = sum(p.numel() for p in model.parameters())
+    batch, kv_len = 2, 10
+    cache_elements = args.n_layers * batch * kv_len * 2 * args.n_kv_heads * args.head_dim
+    assert model.decode_bytes_per_rank(kv_len, batch) == 4 * (n_params - (args.vocab_size - batch) * args.dim
+                                                              + cache_elements)
+
+
+def test_greedy_tokens_is_argmax_of_the_logits(model):
+    h = torch.randn(3, model.args.dim)
+    with torch.no_grad():
+        assert torch.equal(model.greedy_tokens(h), model.lm_head(h).argmax(-1))
 
 
 def test_too_long_raises(model):

@@ -1,6 +1,6 @@
 """The GPT decoder against Hugging Face transformers at TP=1, 2 and 4 (CPU ranks, gloo).
 
-One run per world size loads the three tiny checkpoints (hf_models.py) in float32 and bfloat16 and does
+One run per world size loads the five tiny checkpoints (hf_models.py) in float32 and bfloat16 and does
 every check on every rank; the tests then compare the returned tensors with references computed here by
 HF: logits against HF in float64, greedy tokens against HF `generate`, KV-cache decoding against a full
 recomputation, a batch of different-length prompts against each prompt alone.
@@ -17,7 +17,7 @@ import hf_models  # noqa: E402
 from tp_kernels.distributed import TPGroup  # noqa: E402
 from tp_kernels.models import GPT, generate  # noqa: E402
 
-FAMILIES = ["llama", "qwen2", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 WORLD_SIZES = [1, 2, 4]
 SEQ, PREFILL = 12, 7  # tokens per row; of those, prefilled before the one-token decode steps
 NEW_TOKENS = 16

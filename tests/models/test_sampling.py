@@ -45,3 +45,63 @@ def test_same_seed_same_tokens():
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sample(torch.randn(1, 4), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# greedy over vocabulary-parallel logits (no gather): equal to argmax over the gathered logits
+# ----------------------------------------------------------------------------------------------------------
+def _vocab_parallel_cases():
+    """(full logits, vocab) per case, drawn fresh: plain, a tie across the two ranks' slices (argmax must pick
+    the lower id, on rank 0), a tie inside one slice, the winner in the last real column before the padding,
+    and bf16 logits."""
+    vocab = 11  # 6 per rank at TP=2: rank 1 holds ids 6..10 and one padding column
+    plain = torch.randn(3, vocab)
+    cross_tie = torch.randn(3, vocab)
+    cross_tie[:, 2] = cross_tie[:, 8] = cross_tie.max() + 1
+    inner_tie = torch.randn(3, vocab)
+    inner_tie[:, 7] = inner_tie[:, 9] = inner_tie.max() + 1
+    last_real = torch.randn(3, vocab)
+    last_real[:, vocab - 1] = last_real.max() + 1
+    return [plain, cross_tie, inner_tie, last_real, torch.randn(3, vocab).bfloat16()], vocab
+
+
+def _greedy_on_rank(tp, cases, vocab, grad_mode):
+    from tp_kernels.models.sampling import greedy_vocab_parallel
+
+    per_rank = -(-vocab // tp.world_size)
+    start = tp.rank * per_rank
+    out = []
+    with torch.set_grad_enabled(grad_mode):
+        for logits in cases:
+            local = torch.full((logits.shape[0], per_rank), float("nan"), dtype=logits.dtype)  # poisoned padding
+            n_real = min(per_rank, vocab - start)
+            local[:, :n_real] = logits[:, start:start + n_real]
+            out.append(greedy_vocab_parallel(local, start, n_real, tp))
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("grad_mode", [False, True])
+def test_greedy_vocab_parallel_is_argmax_of_the_gathered_logits(world_size, grad_mode):
+    from conftest import spawn_ranks
+    from tp_kernels.distributed import TPGroup
+
+    cases, vocab = _vocab_parallel_cases()
+    if world_size == 1:
+        per_rank = [_greedy_on_rank(TPGroup.single(), cases, vocab, grad_mode)]
+    else:
+        per_rank = spawn_ranks(world_size, _greedy_on_rank, cases, vocab, grad_mode)
+    for rank, tokens in enumerate(per_rank):
+        for i, (logits, got) in enumerate(zip(cases, tokens)):
+            assert got.dtype == torch.int64
+            assert torch.equal(got, logits.float().argmax(-1)), f"case {i}, rank {rank}: {got} != argmax"
+
+
+def test_greedy_vocab_parallel_rejects_bad_arguments():
+    from tp_kernels.distributed import TPGroup
+    from tp_kernels.models.sampling import greedy_vocab_parallel
+
+    with pytest.raises(ValueError, match="local_logits must be"):
+        greedy_vocab_parallel(torch.randn(8), 0, 8, TPGroup.single())
+    with pytest.raises(ValueError, match=r"n_real must be in \[1, 8\]"):
+        greedy_vocab_parallel(torch.randn(2, 8), 0, 9, TPGroup.single())

@@ -19,22 +19,47 @@ import torch.distributed as dist
 
 TIMEOUT_ENV = "TP_KERNELS_COMM_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
+# The CUDA IPC kernels wait for their peers on the GPU, and a kernel that gives up must trap, which leaves
+# the process's CUDA context unusable: so their wait is as long as NCCL's watchdog (10 minutes in torch),
+# long enough for a peer that compiles Triton kernels or reads a checkpoint, and it has its own variable.
+IPC_KERNEL_TIMEOUT_ENV = "TP_KERNELS_IPC_TIMEOUT"
+DEFAULT_IPC_KERNEL_TIMEOUT_S = 600.0
+
+
+def _seconds_from_env(name: str, default: float, allow_zero: bool,
+                      environ: Optional[Mapping[str, str]]) -> float:
+    """A finite number of seconds from environ[name] (> 0, or >= 0 with allow_zero), else default."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    expected = "a finite number of seconds " + (">= 0 (0: wait forever)" if allow_zero else "> 0")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be {expected}, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {expected}, got {raw!r}")
+    return value
 
 
 def comm_timeout_s(environ: Optional[Mapping[str, str]] = None) -> float:
     """The seconds a collective may wait for a peer before it raises naming the missing rank:
-    TP_KERNELS_COMM_TIMEOUT if set (to a positive, finite number), else 60. Every backend reads it here."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get(TIMEOUT_ENV)
-    if raw is None or raw == "":
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0 (finite), got {raw!r}")
-    return value
+    TP_KERNELS_COMM_TIMEOUT if set (to a positive, finite number), else 60. Every host-side wait reads it."""
+    return _seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, False, environ)
+
+
+def ipc_kernel_timeout_s(environ: Optional[Mapping[str, str]] = None) -> float:
+    """The seconds a CUDA IPC kernel waits at a barrier for a peer before it records the missing rank and
+    traps: TP_KERNELS_IPC_TIMEOUT if set (0 waits forever and never traps), else 600."""
+    return _seconds_from_env(IPC_KERNEL_TIMEOUT_ENV, DEFAULT_IPC_KERNEL_TIMEOUT_S, True, environ)
+
+
+# torch 2.14 deprecates all_gather_into_tensor (a warning per call per rank) in favour of
+# all_gather_single, which torch 2.11 (the GPU machine's) does not have yet: take whichever exists.
+def _all_gather_flat(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)
 
 
 class Communicator(abc.ABC):
@@ -127,5 +152,5 @@ class TorchCommunicator(Communicator):
 
     def all_gather(self, x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
         out = x.new_empty(world_size * x.numel())  # rank r's elements at [r * numel, (r + 1) * numel)
-        dist.all_gather_single(out, x.reshape(-1), group=self.group)
+        _all_gather_flat(out, x.reshape(-1), self.group)
         return out.view((world_size,) + tuple(x.shape))

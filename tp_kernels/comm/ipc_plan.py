@@ -11,17 +11,22 @@ Decisions:
   (`tensor_fallback_reason`); otherwise the chain falls through to NCCL;
 - one-shot (every rank reads every peer's whole input and reduces it) or two-shot (reduce-scatter, then
   all-gather through the IPC buffers), by bytes and world size (`choose_algorithm`);
-- the grid and the per-rank split (`plan_all_reduce`, `plan_fused`).
+- the grid, the per-rank split and, for the fused norm, how many blocks share a row (`plan_all_reduce`,
+  `plan_fused`);
+- how long a kernel waits for a peer (`kernel_timeout_ms`) and what a trapped kernel recorded
+  (`describe_kernel_error`);
+- the data of the transfer check every new group runs over its mappings (`transfer_pattern`).
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
 
-from tp_kernels.comm.base import comm_timeout_s
+from tp_kernels.comm.base import IPC_KERNEL_TIMEOUT_ENV, ipc_kernel_timeout_s
 from tp_kernels.perf.cost_model import HARDWARE, Hardware
 
 # Flag arrays in the IPC buffer are sized for 8 ranks: one NVLink/NVSwitch node holds at most 8 GPUs, and
@@ -38,9 +43,11 @@ ALIGNMENT_BYTES = PACK_BYTES
 # 8 MiB covers decode: 256 tokens x hidden 8192 x 2 bytes (bf16) = 4 MiB. Each rank maps world_size
 # buffers of 3 x this (input staging + two result regions for the fused norm), 24 MiB each.
 DEFAULT_BUFFER_BYTES = 8 * 2**20
-# sizeof(cudaIpcMemHandle_t); a registered-buffer record is the handle then an int64 offset into it.
+# sizeof(cudaIpcMemHandle_t).
 IPC_HANDLE_BYTES = 64
-BUFFER_RECORD_BYTES = IPC_HANDLE_BYTES + 8
+# Rows of the device table of peer pointers: slot 0 is the staging buffers, every all-reduce captured inside
+# CudaIpcCommunicator.capture() takes one more, never reused (2 MiB of device memory; see the .h file).
+MAX_SLOTS = 32768
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 ONE_SHOT = "one_shot"
@@ -85,8 +92,10 @@ class Plan:
     Plain all-reduce: the input is n_packs 16-byte packs then n_tail single elements (odd sizes); the tail
     is reduced one-shot by every rank. Two-shot gives rank r the packs [r * chunk, (r + 1) * chunk).
     Fused norm: the input is n_rows rows of `hidden` elements (packs_per_row packs each); two-shot gives
-    rank r the rows [r * chunk, (r + 1) * chunk). Blocks take packs or rows grid-stride, the same mapping
-    in every phase, so a block only ever waits for the block of the same index on the other ranks.
+    rank r the rows [r * chunk, (r + 1) * chunk). `split` blocks share a row (n_blocks is a multiple of
+    it), each taking ceil(packs_per_row / split) of its packs. Blocks take packs or rows grid-stride, the
+    same mapping in every phase, so a block only ever waits for the block of the same index on the other
+    ranks (and, for a split row, for the other blocks of that row on its own rank).
     """
 
     algo: str
@@ -96,6 +105,7 @@ class Plan:
     n_tail: int = 0
     n_rows: int = 0
     packs_per_row: int = 0
+    split: int = 1
 
     @property
     def two_shot(self) -> bool:
@@ -109,8 +119,25 @@ def pack_elems(element_size: int) -> int:
     return PACK_BYTES // element_size
 
 
-def _blocks_for(work_items: int, items_per_block: int) -> int:
-    return max(1, min(MAX_BLOCKS, -(-work_items // items_per_block)))
+def _blocks_for(work_items: int, items_per_block: int, max_blocks: int) -> int:
+    return max(1, min(max_blocks, -(-work_items // items_per_block)))
+
+
+def check_max_blocks(max_blocks: int) -> None:
+    if not 1 <= max_blocks <= MAX_BLOCKS:
+        raise ValueError(f"max_blocks must be in [1, {MAX_BLOCKS}], got {max_blocks}")
+
+
+def grid_limit(resident_blocks: Sequence[int], gpu_ids: Sequence[str]) -> int:
+    """The largest grid every rank may launch (0: none), from each rank's resident_blocks (how many blocks of
+    the kernels its GPU runs at once: 1 per SM on sm_80/sm_90) and gpu_ids (ranks with the same id share a
+    GPU). Every block waits at barriers for blocks of the other ranks (and, for split rows, of its own), so
+    a grid that does not fit at once can wait forever for a block that is never scheduled: on a GPU with
+    fewer than 64 SMs, or with ranks sharing a GPU under MPS, where their kernels run side by side (4 ranks x
+    64 blocks > an H100's 132 SMs). Time-sliced ranks (no MPS) would not need the division; it costs them
+    nothing that matters (they are a test setting)."""
+    sharing = max(list(gpu_ids).count(g) for g in gpu_ids)
+    return min(MAX_BLOCKS, min(resident_blocks) // sharing)
 
 
 def _algo_for(nbytes: int, world_size: int, algo: Optional[str]) -> str:
@@ -123,9 +150,11 @@ def _algo_for(nbytes: int, world_size: int, algo: Optional[str]) -> str:
 
 
 def plan_all_reduce(numel: int, element_size: int, world_size: int, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-                    algo: Optional[str] = None) -> Plan:
+                    algo: Optional[str] = None, max_blocks: int = MAX_BLOCKS) -> Plan:
     """The plan for an all-reduce of numel elements of element_size bytes. algo=None chooses by size;
-    naming one forces it (tests and benchmarks run both algorithms at every size)."""
+    naming one forces it (tests and benchmarks run both algorithms at every size). max_blocks: the
+    communicator's grid_limit."""
+    check_max_blocks(max_blocks)
     nbytes = numel * element_size
     check_message_bytes(nbytes, buffer_bytes)
     per_pack = pack_elems(element_size)
@@ -133,8 +162,8 @@ def plan_all_reduce(numel: int, element_size: int, world_size: int, buffer_bytes
     algo = _algo_for(nbytes, world_size, algo)
     chunk = -(-n_packs // world_size) if algo == TWO_SHOT else n_packs
     # one thread per pack of this rank's share; at least one block for the tail and the barriers
-    return Plan(algo=algo, n_blocks=_blocks_for(chunk, THREADS_PER_BLOCK), chunk=chunk, n_packs=n_packs,
-                n_tail=n_tail)
+    return Plan(algo=algo, n_blocks=_blocks_for(chunk, THREADS_PER_BLOCK, max_blocks), chunk=chunk,
+                n_packs=n_packs, n_tail=n_tail)
 
 
 def fused_fallback_reason(hidden: int, element_size: int) -> Optional[str]:
@@ -146,20 +175,49 @@ def fused_fallback_reason(hidden: int, element_size: int) -> Optional[str]:
     return None
 
 
+# Fused norm: blocks per row. One block per row leaves a one-token decode step on one SM, reading every
+# peer's whole row through one SM's few outstanding loads (~3 us for a 16 KiB bf16 row at TP=8 on H100,
+# modeled); split over blocks that each read at least FUSED_MIN_PACKS_PER_BLOCK packs of it (2 KiB per
+# peer), a hidden-8192 bf16 row uses 8 SMs. The split rows then meet in a row-group barrier (one more
+# on-GPU sync, ~1 us modeled), so it is used only while rows are too few to fill the grid. Modeled, not
+# measured: to be tuned on a GPU with bench/allreduce_rmsnorm.py.
+FUSED_MIN_PACKS_PER_BLOCK = 128
+MAX_SPLIT = 16
+
+
+def choose_split(rows_per_rank: int, packs_per_row: int, max_blocks: int = MAX_BLOCKS) -> int:
+    """Blocks per row for the fused kernel when each rank normalizes rows_per_rank rows."""
+    if rows_per_rank >= max_blocks:
+        return 1
+    by_work = -(-packs_per_row // FUSED_MIN_PACKS_PER_BLOCK)
+    return max(1, min(max_blocks // max(rows_per_rank, 1), by_work, MAX_SPLIT))
+
+
 def plan_fused(n_rows: int, hidden: int, element_size: int, world_size: int,
-               buffer_bytes: int = DEFAULT_BUFFER_BYTES, algo: Optional[str] = None) -> Plan:
-    """The plan for allreduce_residual_rmsnorm over n_rows rows of hidden elements (algo as in
-    plan_all_reduce)."""
+               buffer_bytes: int = DEFAULT_BUFFER_BYTES, algo: Optional[str] = None,
+               split: Optional[int] = None, max_blocks: int = MAX_BLOCKS) -> Plan:
+    """The plan for allreduce_residual_rmsnorm over n_rows rows of hidden elements (algo and max_blocks as
+    in plan_all_reduce; split=None lets choose_split decide, a number forces it: tests run both)."""
+    check_max_blocks(max_blocks)
     reason = fused_fallback_reason(hidden, element_size)
     if reason is not None:
         raise ValueError(reason)
     nbytes = n_rows * hidden * element_size
     check_message_bytes(nbytes, buffer_bytes)
     algo = _algo_for(nbytes, world_size, algo)
+    packs_per_row = hidden // pack_elems(element_size)
     chunk = -(-n_rows // world_size) if algo == TWO_SHOT else n_rows
-    # one block per row: the row's sum of squares is a block reduction
-    return Plan(algo=algo, n_blocks=_blocks_for(chunk, 1), chunk=chunk, n_rows=n_rows,
-                packs_per_row=hidden // pack_elems(element_size))
+    if split is None:
+        split = choose_split(chunk, packs_per_row, max_blocks)
+    elif not 1 <= split <= min(max_blocks, packs_per_row):
+        raise ValueError(f"split must be in [1, {min(max_blocks, packs_per_row)}] (blocks per row, each taking at "
+                         f"least one of the row's {packs_per_row} packs, at most the grid of {max_blocks}), "
+                         f"got {split}")
+    # groups of `split` blocks, one row per group at a time; the row's sum of squares is a block (then a
+    # row-group) reduction
+    n_groups = max(1, min(chunk, max_blocks // split))
+    return Plan(algo=algo, n_blocks=n_groups * split, chunk=chunk, n_rows=n_rows, packs_per_row=packs_per_row,
+                split=split)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,13 +272,18 @@ def local_fallback_reason(cuda_available: bool, built_with_cuda: bool) -> Option
 
 
 def group_fallback_reason(world_size: int, local_reasons: Sequence[Optional[str]], hostnames: Sequence[str],
-                          gpu_ids: Sequence[Optional[str]], peer_access: Sequence[Sequence[bool]]) -> Optional[str]:
+                          gpu_ids: Sequence[Optional[str]], peer_access: Sequence[Sequence[bool]],
+                          nvlink: Optional[Sequence[Sequence[Optional[bool]]]] = None,
+                          allow_shared_gpu: bool = False) -> Optional[str]:
     """Why a group cannot use the IPC all-reduce (None: it can). Every rank evaluates it on the same
     gathered facts, so all ranks agree.
 
     local_reasons[r] is rank r's local_fallback_reason; hostnames[r] its host; gpu_ids[r] its GPU's PCI
     address; peer_access[r][q] whether rank r's GPU can access rank q's (cudaDeviceCanAccessPeer; True on
-    the diagonal)."""
+    the diagonal); nvlink[r][q] whether they are connected by NVLink (None: unknown; only needed above 2
+    ranks: over PCIe, 4-8 GPUs all-reduce faster with NCCL's rings than with every rank reading every peer).
+    allow_shared_gpu is the test switch (`SHARED_GPU_ENV`): ranks that share a GPU then run the kernels too,
+    which proves the protocol on a one-GPU machine but is slower than one process per GPU."""
     if world_size < 2:
         return "world size 1 needs no all-reduce"
     if world_size > MAX_WORLD_SIZE:
@@ -232,13 +295,27 @@ def group_fallback_reason(world_size: int, local_reasons: Sequence[Optional[str]
         return f"ranks are on different hosts {sorted(set(hostnames))}; CUDA IPC works within one host"
     first_rank_of = {}
     for r, gpu in enumerate(gpu_ids):
-        if gpu in first_rank_of:  # e.g. CPU test ranks on a GPU node, all on cuda:0: nothing to reduce across
-            return f"ranks {first_rank_of[gpu]} and {r} share the GPU {gpu}; each rank needs its own GPU"
-        first_rank_of[gpu] = r
+        if gpu in first_rank_of and not allow_shared_gpu:
+            # e.g. CPU test ranks on a GPU node, all on cuda:0: nothing to gain over NCCL
+            return (f"ranks {first_rank_of[gpu]} and {r} share the GPU {gpu}; each rank needs its own GPU "
+                    f"({SHARED_GPU_ENV}=1 overrides this for tests)")
+        first_rank_of.setdefault(gpu, r)
     for r, row in enumerate(peer_access):
         for q, ok in enumerate(row):
             if not ok:
                 return f"rank {r}'s GPU cannot access rank {q}'s GPU (cudaDeviceCanAccessPeer is false)"
+    if world_size > 2:
+        for r in range(world_size):
+            for q in range(world_size):
+                if gpu_ids[r] == gpu_ids[q]:
+                    continue
+                link = None if nvlink is None else nvlink[r][q]
+                if link is None:
+                    return (f"cannot tell whether rank {r}'s GPU and rank {q}'s are connected by NVLink (NVML "
+                            f"unavailable); above 2 ranks the IPC all-reduce needs NVLink")
+                if not link:
+                    return (f"rank {r}'s GPU and rank {q}'s are not connected by NVLink; over PCIe, {world_size} "
+                            "ranks all-reduce faster with NCCL")
     return None
 
 
@@ -255,9 +332,68 @@ def tensor_fallback_reason(x: torch.Tensor, device: torch.device, buffer_bytes: 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# barrier timeout
+# the test switch for ranks that share a GPU
 # ----------------------------------------------------------------------------------------------------------
-def timeout_ms(environ: Optional[Mapping[str, str]] = None) -> int:
-    """How long a kernel waits at a barrier for a peer before it records the missing rank and traps:
-    TP_KERNELS_COMM_TIMEOUT seconds (tp_kernels.comm.base.comm_timeout_s, as the other communicators)."""
-    return max(1, int(comm_timeout_s(environ) * 1000))
+SHARED_GPU_ENV = "TP_KERNELS_IPC_ALLOW_SHARED_GPU"
+
+
+def allow_shared_gpu(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether SHARED_GPU_ENV asks the IPC all-reduce to serve ranks that share a GPU (tests only)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(SHARED_GPU_ENV, "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"{SHARED_GPU_ENV} must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# barrier timeout, and what a trapped kernel left in the error word
+# ----------------------------------------------------------------------------------------------------------
+KERNEL_TIMEOUT_ENV = IPC_KERNEL_TIMEOUT_ENV  # parsed in tp_kernels.comm.base, with the other timeouts
+# Mirrors of custom_all_reduce_kernels.h: error word = kind << ERROR_KIND_SHIFT | detail.
+ERROR_KIND_SHIFT = 24
+ERROR_BARRIER_TIMEOUT = 1
+ERROR_NULL_INPUT = 2
+
+
+def kernel_timeout_ms(environ: Optional[Mapping[str, str]] = None) -> int:
+    """How long a kernel waits at a barrier for a peer before it records the missing rank and traps, in ms:
+    TP_KERNELS_IPC_TIMEOUT seconds (tp_kernels.comm.base.ipc_kernel_timeout_s: default 600; 0 waits forever
+    and never traps)."""
+    seconds = ipc_kernel_timeout_s(environ)
+    return 0 if seconds == 0 else max(1, int(seconds * 1000))
+
+
+def describe_kernel_error(word: int, timeout_ms: int) -> Optional[str]:
+    """What the error word of a communicator says (None: no kernel trapped)."""
+    if word == 0:
+        return None
+    kind, detail = word >> ERROR_KIND_SHIFT, word & ((1 << ERROR_KIND_SHIFT) - 1)
+    unusable = "; the kernel trapped and this process's CUDA context is unusable"
+    if kind == ERROR_BARRIER_TIMEOUT:
+        return (f"rank {detail} did not arrive at a barrier within {timeout_ms / 1000:g} s "
+                f"({KERNEL_TIMEOUT_ENV}){unusable}")
+    if kind == ERROR_NULL_INPUT:
+        return (f"an all-reduce captured inside capture() was replayed while its slot {detail} held no peer "
+                f"pointers (before register_graph_buffers(), or after release_graph_buffers()){unusable}")
+    return f"unknown error word {word:#x}{unusable}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the transfer check of a new group
+# ----------------------------------------------------------------------------------------------------------
+# Some drivers report peer access and then move wrong data (vLLM checks for this too); every rank reads this
+# much of every peer's staging buffer, with the kernels' loads, before the group is used.
+TRANSFER_CHECK_BYTES = 256 * 1024
+
+
+def transfer_check_words(buffer_bytes: int) -> int:
+    """int32 words of the transfer check: TRANSFER_CHECK_BYTES, or the whole staging buffer if smaller."""
+    return min(TRANSFER_CHECK_BYTES, buffer_bytes) // 4
+
+
+def transfer_pattern(rank: int, n_words: int) -> torch.Tensor:
+    """(n_words,) int32: what rank writes into its staging buffer for the check; differs between ranks and
+    between any two words of one rank (a misplaced or stale block shows)."""
+    i = torch.arange(n_words, dtype=torch.int64)
+    return ((i * 2654435761 + (rank + 1) * 40503) % (2**31 - 1)).to(torch.int32)

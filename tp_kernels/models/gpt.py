@@ -1,5 +1,5 @@
-"""A minimal tensor-parallel GPT decoder (Llama and GPT-2 families) built from tp_kernels.layers and
-tp_kernels.ops.
+"""A minimal tensor-parallel GPT decoder (Llama family: Llama, Mistral, Qwen2, Qwen3; GPT-2) built from
+tp_kernels.layers and tp_kernels.ops.
 
 Every rank holds its shard of each weight matrix and a static KV cache for its own KV heads; `forward`
 returns full-vocabulary logits on every rank. Per layer, the communication is two reductions: the
@@ -27,7 +27,8 @@ from tp_kernels import ops, reference
 from tp_kernels.distributed import TPGroup
 from tp_kernels.layers import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                                RowParallelLinear, VocabParallelEmbedding)
-from tp_kernels.models.config import PRESETS, ModelArgs
+from tp_kernels.models.config import PRESETS, ModelArgs, check_fits_in_memory
+from tp_kernels.models.sampling import greedy_vocab_parallel
 
 __all__ = ["GPT", "KVCache", "ModelArgs", "PRESETS"]
 
@@ -59,6 +60,10 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(args.n_heads * args.head_dim, args.dim, args.o_bias, tp,
                                         dtype=dtype, device=device)
         self.rope_style = "neox" if args.family == "llama" else "none"
+        # Qwen3: an RMSNorm over each q and k head (weights of head_dim, the same for every head and rank)
+        self.q_norm = nn.Parameter(torch.ones(args.head_dim, dtype=dtype, device=device)) if args.qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(args.head_dim, dtype=dtype, device=device)) if args.qk_norm else None
+        self.norm_eps = args.norm_eps
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor,
                 cos_sin: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -67,15 +72,34 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         n_heads_per_rank, head_dim = self.qkv.n_heads_per_rank, self.qkv.head_dim
         kv_len = mask.shape[-1]
-        q = ops.qkv_rope_kv_cache(x.reshape(batch * seq, -1), self.qkv.weight, self.qkv.bias, cos_sin,
-                                  positions.reshape(-1), cache_rows.reshape(-1), k_cache, v_cache,
-                                  n_heads_per_rank=n_heads_per_rank, n_kv_heads_per_rank=self.qkv.n_kv_heads_per_rank,
-                                  head_dim=head_dim, rope_style=self.rope_style)  # (B * S, n_heads_per_rank, head_dim)
+        if self.q_norm is not None:
+            q = self._qkv_normed_rope_kv_cache(x.reshape(batch * seq, -1), positions.reshape(-1),
+                                               cache_rows.reshape(-1), cos_sin, k_cache, v_cache)
+        else:
+            q = ops.qkv_rope_kv_cache(x.reshape(batch * seq, -1), self.qkv.weight, self.qkv.bias, cos_sin,
+                                      positions.reshape(-1), cache_rows.reshape(-1), k_cache, v_cache,
+                                      n_heads_per_rank=n_heads_per_rank,
+                                      n_kv_heads_per_rank=self.qkv.n_kv_heads_per_rank, head_dim=head_dim,
+                                      rope_style=self.rope_style)  # (B * S, n_heads_per_rank, head_dim)
         q = q.view(batch, seq, n_heads_per_rank, head_dim).transpose(1, 2)  # (B, n_heads_per_rank, S, head_dim)
         k = k_cache[:batch, :kv_len].transpose(1, 2)  # (B, n_kv_heads_per_rank, kv_len, head_dim)
         v = v_cache[:batch, :kv_len].transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, n_heads_per_rank, S, hd)
         return o.transpose(1, 2).reshape(batch * seq, n_heads_per_rank * head_dim)
+
+    def _qkv_normed_rope_kv_cache(self, x, positions, cache_rows, cos_sin, k_cache, v_cache) -> torch.Tensor:
+        """qkv_rope_kv_cache with Qwen3's per-head RMSNorm of q and k between the projection and RoPE, which
+        the fused op has no place for: the projection and head split (rope 'none'), then the norms, RoPE and
+        the cache write. x (T, dim) -> q (T, n_heads_per_rank, head_dim)."""
+        q, k, v = ops.qkv_rope(x, self.qkv.weight, self.qkv.bias, None, positions,
+                               n_heads_per_rank=self.qkv.n_heads_per_rank,
+                               n_kv_heads_per_rank=self.qkv.n_kv_heads_per_rank, head_dim=self.qkv.head_dim,
+                               rope_style="none")  # (T, heads, head_dim) each
+        angles = cos_sin[positions]  # (T, head_dim)
+        q = reference.apply_rope(reference.rmsnorm(q, self.q_norm, self.norm_eps), angles, self.rope_style)
+        k = reference.apply_rope(reference.rmsnorm(k, self.k_norm, self.norm_eps), angles, self.rope_style)
+        reference.write_kv_cache(k, v, positions, cache_rows, k_cache, v_cache)
+        return q
 
 
 def _row_parallel_partial(layer: RowParallelLinear, x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +109,15 @@ def _row_parallel_partial(layer: RowParallelLinear, x: torch.Tensor) -> torch.Te
     if layer.bias is not None and layer.tp.rank == 0:
         partial = partial + layer.bias
     return partial
+
+
+def _reduce_add_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                        tp: TPGroup):
+    """allreduce_residual_rmsnorm over tp; on one rank the reduction is the identity, so add_rmsnorm alone
+    (the op would copy the partial sum first: 16 needless copies and Python fallbacks per decode step)."""
+    if tp.world_size == 1:
+        return ops.add_rmsnorm(partial, residual, weight, eps)
+    return ops.allreduce_residual_rmsnorm(partial, residual, weight, eps, tp)
 
 
 class LlamaBlock(nn.Module):
@@ -105,11 +138,11 @@ class LlamaBlock(nn.Module):
         """normed, residual (B * S, dim) -> next_norm(residual after this block), that residual."""
         batch, seq = positions.shape
         o = self.attn(normed.view(batch, seq, -1), positions, cache_rows, cos_sin, k_cache, v_cache, mask)
-        normed, residual = ops.allreduce_residual_rmsnorm(_row_parallel_partial(self.attn.o_proj, o), residual,
-                                                          self.post_attn_norm, self.eps, self.tp)
+        normed, residual = _reduce_add_rmsnorm(_row_parallel_partial(self.attn.o_proj, o), residual,
+                                               self.post_attn_norm, self.eps, self.tp)
         gate, up = self.gate_up.split(self.gate_up(normed))  # (B * S, intermediate_size_per_rank) each
-        return ops.allreduce_residual_rmsnorm(_row_parallel_partial(self.down, F.silu(gate) * up), residual,
-                                              next_norm, self.eps, self.tp)
+        return _reduce_add_rmsnorm(_row_parallel_partial(self.down, F.silu(gate) * up), residual, next_norm,
+                                   self.eps, self.tp)
 
 
 class GPT2Block(nn.Module):
@@ -156,6 +189,7 @@ class GPT(nn.Module):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
         self.args, self.tp = args, tp
+        check_fits_in_memory(args, tp.world_size, torch.empty((), dtype=dtype).element_size(), device)
         self.embed = VocabParallelEmbedding(args.vocab_size, args.dim, tp, dtype=dtype, device=device)
         if args.family == "gpt2":
             self.pos_embed = nn.Parameter(torch.zeros(args.max_seq_len, args.dim, dtype=dtype, device=device))
@@ -183,8 +217,19 @@ class GPT(nn.Module):
         return self.embed.weight.device
 
     def weight_bytes_per_rank(self) -> int:
-        """Bytes of this rank's parameters (a tied table counted once): what one decode step streams."""
+        """Bytes of this rank's parameters (a tied table counted once): what it holds in memory."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def decode_bytes_per_rank(self, kv_len: int, batch: int = 1) -> int:
+        """Bytes a one-token decode step reads from memory on this rank: every weight except the rows of
+        the embedding table it does not look up (a tied table is read whole by the LM head), and the keys and
+        values of kv_len cached positions per sequence. A step cannot take less than this over the memory
+        bandwidth (the decode roofline)."""
+        table = self.embed.weight
+        skipped_rows = 0 if self.args.tie_word_embeddings else max(0, table.shape[0] - batch)
+        cache_row = 2 * self.blocks[0].attn.qkv.n_kv_heads_per_rank * self.args.head_dim * table.element_size()
+        return (self.weight_bytes_per_rank() - skipped_rows * table.shape[1] * table.element_size()
+                + len(self.blocks) * batch * kv_len * cache_row)
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -237,6 +282,21 @@ class GPT(nn.Module):
         logits_at[b] of each row are computed. Returns (B, S, vocab_size), or (B, vocab_size) with
         logits_at, in the model's dtype.
         """
+        return self.lm_head(self.hidden_states(input_ids, positions, cache, logits_at))
+
+    def greedy_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """argmax(self.lm_head(h), -1) for final hidden states h (B, dim), the same (B,) int64 on every
+        rank, without gathering the logits: each rank takes the argmax of its vocabulary slice and one
+        all-reduce of 2 numbers per rank and row picks the winner (ties: the lowest token id, as argmax)."""
+        head = self.lm_head
+        local = F.linear(h, head.weight, head.bias)  # (B, vocab_size_per_rank)
+        n_real = min(head.vocab_size_per_rank, head.vocab_size - head.vocab_start)
+        return greedy_vocab_parallel(local, head.vocab_start, n_real, self.tp)
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                      cache: Optional[KVCache] = None, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What forward hands the LM head: the final norm's output, (B, S, dim), or (B, dim) with logits_at.
+        Same arguments as forward."""
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must be a 2-D (batch, seq) int tensor, got {input_ids.dtype} "
                              f"of shape {tuple(input_ids.shape)}")
@@ -245,16 +305,18 @@ class GPT(nn.Module):
             positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         if tuple(positions.shape) != (batch, seq):
             raise ValueError(f"positions must have input_ids' shape {(batch, seq)}, got {tuple(positions.shape)}")
-        max_position = int(positions.max())  # one host sync per step: it sizes the attended cache window
-        if int(positions.min()) < 0 or max_position >= self.args.max_seq_len:
-            raise ValueError(f"positions must be in [0, max_seq_len={self.args.max_seq_len}), got "
-                             f"[{int(positions.min())}, {max_position}]")
+        if torch.compiler.is_compiling() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # A compiled or captured step has static shapes: it attends over the whole static cache (the mask
+            # hides the positions not written yet), as gpt-fast does. int(positions.max()) would be a
+            # data-dependent guard (a host sync in a capture); a position past the cache still raises on CPU,
+            # in the cache write (an index out of range).
+            if cache is None:
+                raise ValueError("a compiled forward needs a cache (model.new_cache): its size fixes the shapes")
+            kv_len = cache.max_seq
+        else:
+            kv_len = self._check_positions(positions, batch, cache) + 1
         if cache is None:
-            cache = self.new_cache(batch, max_position + 1)
-        elif cache.batch < batch or cache.max_seq <= max_position:
-            raise ValueError(f"cache (batch {cache.batch}, max_seq {cache.max_seq}) is too small for batch {batch} "
-                             f"at position {max_position}")
-        kv_len = max_position + 1
+            cache = self.new_cache(batch, kv_len)
         # token (b, s) sees the keys of row b at positions <= positions[b, s]
         mask = torch.arange(kv_len, device=positions.device) <= positions[:, None, :, None]  # (B, 1, S, kv_len)
         cache_rows = torch.arange(batch, device=input_ids.device)[:, None].expand(batch, seq)  # (B, S)
@@ -273,6 +335,17 @@ class GPT(nn.Module):
                 h, residual = block(h, residual, next_norm, positions, cache_rows, self.cos_sin, cache.k[i],
                                     cache.v[i], mask)
         h = h.view(batch, seq, -1)  # (B, S, dim)
-        if logits_at is not None:
-            h = h[torch.arange(batch, device=h.device), logits_at]  # (B, dim)
-        return self.lm_head(h)
+        if logits_at is None:
+            return h
+        return h[torch.arange(batch, device=h.device), logits_at]  # (B, dim)
+
+    def _check_positions(self, positions: torch.Tensor, batch: int, cache: Optional[KVCache]) -> int:
+        """The largest position, after checking that every position fits max_seq_len and the cache."""
+        max_position = int(positions.max())  # one host sync per step: it sizes the attended cache window
+        if int(positions.min()) < 0 or max_position >= self.args.max_seq_len:
+            raise ValueError(f"positions must be in [0, max_seq_len={self.args.max_seq_len}), got "
+                             f"[{int(positions.min())}, {max_position}]")
+        if cache is not None and (cache.batch < batch or cache.max_seq <= max_position):
+            raise ValueError(f"cache (batch {cache.batch}, max_seq {cache.max_seq}) is too small for batch {batch} "
+                             f"at position {max_position}")
+        return max_position

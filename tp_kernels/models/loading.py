@@ -17,14 +17,15 @@ row range. Peak memory per rank stays at its shard plus one tensor-slice.
 from __future__ import annotations
 
 import abc
-import json
 import os
 import re
+import warnings
 from typing import Dict, KeysView, List, Sequence, Set, Tuple
 
 import torch
 
-from tp_kernels.models.config import ModelArgs
+from tp_kernels.layers import ParallelLMHead
+from tp_kernels.models.config import ModelArgs, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers old checkpoints saved that this model recomputes: GPT-2's causal mask, Llama's inverse frequencies.
@@ -120,7 +121,9 @@ class DictSource(TensorSource):
 
 class SafetensorsSource(TensorSource):
     """The *.safetensors files of a Hugging Face model directory: the files model.safetensors.index.json
-    lists when it exists, else every *.safetensors file. Files are opened lazily (memory-mapped)."""
+    lists when it exists, else every *.safetensors file. Every file's header is read (and checked) here;
+    tensors are read lazily (memory-mapped) and only the slices asked for. A corrupt file or index raises
+    naming it."""
 
     def __init__(self, path: str):
         super().__init__()
@@ -132,23 +135,43 @@ class SafetensorsSource(TensorSource):
         index_path = os.path.join(self.path, INDEX_FILE)
         self.file_of: Dict[str, str] = {}
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index_path} has no 'weight_map' object")
-            self.file_of = {name: os.path.join(self.path, file) for name, file in weight_map.items()}
+            for name, file in self._read_index(index_path).items():
+                self.file_of[name] = os.path.join(self.path, file)
             for file in sorted(set(self.file_of.values())):
                 if not os.path.isfile(file):
                     raise FileNotFoundError(f"{index_path} lists {os.path.basename(file)}, which does not exist")
+                held = self._names_in(file)
+                missing = sorted(n for n, f in self.file_of.items() if f == file and n not in held)
+                if missing:
+                    raise ValueError(f"{index_path} places {missing[:4]} in {os.path.basename(file)}, which does not "
+                                     "hold them")
         else:
             files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
             if not files:
                 raise FileNotFoundError(f"no *.safetensors file in {self.path}")
             for file in files:
-                with safe_open(os.path.join(self.path, file), framework="pt") as handle:
-                    for name in handle.keys():
-                        self.file_of[name] = os.path.join(self.path, file)
+                for name in self._names_in(os.path.join(self.path, file)):
+                    self.file_of[name] = os.path.join(self.path, file)
         self._handles: Dict[str, object] = {}
+
+    @staticmethod
+    def _read_index(index_path: str) -> Dict[str, str]:
+        index = read_json(index_path, "checkpoint index", "an object with a 'weight_map' of tensor name -> file name")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index_path} has no 'weight_map' object of tensor name -> file name")
+        return weight_map
+
+    def _open(self, file: str):
+        try:
+            return self._safe_open(file, framework="pt")
+        except Exception as exc:  # noqa: BLE001  (safetensors raises its own SafetensorError, or OSError)
+            raise ValueError(f"checkpoint file {file} could not be read as safetensors ({exc}); expected the "
+                             "safetensors format: an 8-byte header size, a JSON header, then the tensor data") from None
+
+    def _names_in(self, file: str) -> Set[str]:
+        with self._open(file) as handle:
+            return set(handle.keys())
 
     def names(self) -> KeysView[str]:
         return self.file_of.keys()
@@ -156,7 +179,7 @@ class SafetensorsSource(TensorSource):
     def _lookup(self, name: str):
         file = self.file_of[name]
         if file not in self._handles:
-            self._handles[file] = self._safe_open(file, framework="pt")
+            self._handles[file] = self._open(file)
         return self._handles[file].get_slice(name)
 
     def close(self) -> None:
@@ -169,6 +192,30 @@ class SafetensorsSource(TensorSource):
 def _copy_replicated(param: torch.Tensor, t) -> None:
     with torch.no_grad():
         param.copy_(t[:].to(device=param.device, dtype=param.dtype))
+
+
+def _load_head(model, src: TensorSource, embedding_name: str) -> None:
+    """The LM head. An untied model reads lm_head.weight. A tied one shares the embedding's shard, unless
+    the checkpoint also stores an lm_head.weight whose rows differ from the embedding's: transformers 5.24
+    then keeps the stored head ("both are present in the checkpoints with different values, so we will NOT
+    tie them"), and so does this loader, comparing only this rank's rows (each rank reads only its slice)."""
+    a = model.args
+    if not a.tie_word_embeddings:
+        model.lm_head.load_full(src.get("lm_head.weight", (a.vocab_size, a.dim)))
+        return
+    if not src.has("lm_head.weight"):
+        return
+    head = src.get("lm_head.weight", (a.vocab_size, a.dim))
+    start = model.embed.vocab_start
+    stop = min(start + model.embed.vocab_size_per_rank, a.vocab_size)
+    if start >= stop or torch.equal(head[start:stop], src.get(embedding_name, (a.vocab_size, a.dim))[start:stop]):
+        return  # the stored head is the embedding table: stay tied
+    warnings.warn(f"{src.description}: the config ties the LM head to the embedding, but the checkpoint stores an "
+                  "lm_head.weight with different values; keeping the stored head untied, as transformers does (set "
+                  "tie_word_embeddings: false in config.json to silence this)", stacklevel=2)
+    untied = ParallelLMHead(a.vocab_size, a.dim, model.tp, dtype=model.dtype, device=model.device)
+    untied.load_full(head)
+    model.lm_head = untied
 
 
 def _llama_steps(model, src: TensorSource):
@@ -200,6 +247,9 @@ def _llama_steps(model, src: TensorSource):
             block.gate_up.load_full(gate_up, gate_up_bias)
             block.down.load_full(src.get(mlp + "down_proj.weight", (d, a.intermediate_size)),
                                  src.get(mlp + "down_proj.bias", (d,)) if a.mlp_bias else None)
+            if a.qk_norm:
+                _copy_replicated(block.attn.q_norm, src.get(att + "q_norm.weight", (hd,)))
+                _copy_replicated(block.attn.k_norm, src.get(att + "k_norm.weight", (hd,)))
             _copy_replicated(block.input_norm, src.get(p + "input_layernorm.weight", (d,)))
             _copy_replicated(block.post_attn_norm, src.get(p + "post_attention_layernorm.weight", (d,)))
         return step
@@ -209,10 +259,7 @@ def _llama_steps(model, src: TensorSource):
 
     def head():
         _copy_replicated(model.final_norm, src.get("model.norm.weight", (d,)))
-        if a.tie_word_embeddings:
-            src.skip("lm_head.weight")  # some tied checkpoints still store the shared table
-        else:
-            model.lm_head.load_full(src.get("lm_head.weight", (a.vocab_size, d)))
+        _load_head(model, src, "model.embed_tokens.weight")
     yield head
 
 
@@ -252,10 +299,7 @@ def _gpt2_steps(model, src: TensorSource):
 
     def head():
         norm(model.final_norm, prefix + "ln_f")
-        if a.tie_word_embeddings:
-            src.skip("lm_head.weight")
-        else:
-            model.lm_head.load_full(src.get("lm_head.weight", (a.vocab_size, d)))
+        _load_head(model, src, prefix + "wte.weight")
     yield head
 
 
@@ -316,6 +360,9 @@ def random_checkpoint(args: ModelArgs, seed: int) -> Dict[str, torch.Tensor]:
                 out[p + name + ".weight"] = linear(n_out, n_in)
                 if has_bias:
                     out[p + name + ".bias"] = normal(n_out, std=0.02)
+            if args.qk_norm:
+                out[p + "self_attn.q_norm.weight"] = 1.0 + normal(hd, std=0.1)
+                out[p + "self_attn.k_norm.weight"] = 1.0 + normal(hd, std=0.1)
             out[p + "input_layernorm.weight"] = norm_weight()
             out[p + "post_attention_layernorm.weight"] = norm_weight()
         out["model.norm.weight"] = norm_weight()

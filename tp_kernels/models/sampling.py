@@ -46,3 +46,34 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] 
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def greedy_vocab_parallel(local_logits: torch.Tensor, vocab_start: int, n_real: int, tp) -> torch.Tensor:
+    """argmax over the full vocabulary of logits split by vocabulary across the ranks of tp, without
+    gathering them: local_logits (B, vocab_size_per_rank) is this rank's slice, whose first n_real columns
+    are the token ids vocab_start.. (the rest is padding). Returns the same (B,) int64 on every rank.
+
+    Plain PyTorch equivalent: ``torch.cat(all ranks' local_logits[:, :n_real], dim=-1).argmax(-1)``.
+    Each rank puts its slice's (max, token id) in its own column of a zeroed (B, world_size, 2) tensor and
+    one all-reduce sums them (x + 0 is exact); the first rank holding the largest value wins, which is
+    argmax's first-occurrence rule since ranks hold increasing ids. The values are compared in float32
+    (exact for fp32/fp16/bf16 logits; ids are exact below 2^24), in float64 for float64 logits.
+    """
+    if local_logits.dim() != 2:
+        raise ValueError(f"local_logits must be (batch, vocab_size_per_rank), got shape {tuple(local_logits.shape)}")
+    if not 0 < n_real <= local_logits.shape[-1]:
+        raise ValueError(f"n_real must be in [1, {local_logits.shape[-1]}], got {n_real}")
+    best, index = local_logits[:, :n_real].max(dim=-1)  # (B,) each: this slice's max, its first position
+    if tp.world_size == 1:
+        return index
+    from tp_kernels import ops
+
+    dtype = torch.float64 if local_logits.dtype == torch.float64 else torch.float32
+    if vocab_start + n_real > (1 << 53 if dtype == torch.float64 else 1 << 24):
+        raise ValueError(f"token ids up to {vocab_start + n_real} are not exact in {dtype}")
+    table = torch.zeros(local_logits.shape[0], tp.world_size, 2, dtype=dtype, device=local_logits.device)
+    table[:, tp.rank, 0] = best.to(dtype)
+    table[:, tp.rank, 1] = (index + vocab_start).to(dtype)
+    table = ops.all_reduce(table, tp)  # (B, world_size, 2): every rank's (max, id)
+    winner = table[..., 0].argmax(dim=-1, keepdim=True)  # (B, 1): the first rank with the largest max
+    return table[..., 1].gather(-1, winner).squeeze(-1).to(torch.int64)

@@ -24,7 +24,11 @@ class HFTokenizer:
     def __init__(self, path: str):
         from tokenizers import Tokenizer  # only needed for checkpoints that ship one
 
-        self.tokenizer = Tokenizer.from_file(path)
+        try:
+            self.tokenizer = Tokenizer.from_file(path)
+        except Exception as exc:  # noqa: BLE001  (tokenizers raises a bare Exception for a malformed file)
+            raise ValueError(f"tokenizer file {path} could not be read ({exc}); expected a Hugging Face tokenizers "
+                             "JSON file (tokenizer.json, as saved by tokenizers.Tokenizer.save)") from None
 
     def encode(self, text: str) -> List[int]:
         return self.tokenizer.encode(text).ids

@@ -130,7 +130,7 @@ def allgather_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor
     Plain PyTorch equivalent (x (M_per_rank, K), the same M_per_rank on every rank; w (N_per_rank, K))::
 
         full = torch.empty(p * M_per_rank, K, dtype=x.dtype)
-        torch.distributed.all_gather_single(full, x, group=tp.process_group)  # rank 0's rows first
+        torch.distributed.all_gather_into_tensor(full, x, group=tp.process_group)  # rank 0's rows first
         y = full @ w.T + bias                                                        # (M, N_per_rank)
 
     Chunked along M_per_rank: chunk i+1 is gathered while chunk i's GEMM runs.
