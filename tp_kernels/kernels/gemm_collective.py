@@ -19,7 +19,7 @@ import torch
 import triton
 
 from tp_kernels.comm import ipc_plan
-from tp_kernels.comm.symmetric import SymmetricBuffer
+from tp_kernels.comm.symmetric import MAX_WORLD_SIZE, SymmetricBuffer
 from tp_kernels.kernels.configs import TileConfig
 from tp_kernels.kernels.gemm_collective_configs import fused_config
 from tp_kernels.kernels.gemm_collective_gather import _allgather_gemm_kernel
@@ -185,8 +185,7 @@ def _launch_reduce(x, w, bias, buffer, plan: FusedPlan, out_shape) -> torch.Tens
             m, w.shape[0], k, buffer.rank, buffer.world_size, plan.rows, *_buffer_args(buffer, plan),
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1))
     _launch(buffer, f"gemm_{plan.op}", _gemm_reduce_kernel, plan.grid, args,
-            dict(MODE=plan.mode, WORLD_BLOCK=max(2, triton.next_power_of_2(buffer.world_size)),
-                 **_meta(plan, x, bias is not None)))
+            dict(MODE=plan.mode, WORLD_BLOCK=MAX_WORLD_SIZE, **_meta(plan, x, bias is not None)))
     return out
 
 

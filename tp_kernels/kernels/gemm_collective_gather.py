@@ -25,7 +25,7 @@ from tp_kernels.kernels.gemm_collective_protocol import finish_program, raise_si
 from tp_kernels.kernels.tiling import accumulate_tile, grouped_tile_ids
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "rank", "world_size", "n_publish", "signature"])  # as the reduce kernel
 def _allgather_gemm_kernel(
     # pointers
     x_ptr,  # (R, K): this rank's token rows

@@ -42,7 +42,10 @@ REDUCE_SCATTER, TWO_SHOT, ONE_SHOT = 0, 1, 2
 MODE_NAMES = {REDUCE_SCATTER: "reduce_scatter", TWO_SHOT: "two_shot", ONE_SHOT: "one_shot"}
 
 
-@triton.jit
+# Ints that take many values across calls and ranks (the rank itself, the call's signature, row counts)
+# are not specialized on (divisible by 16, equal to 1): each new pattern would be another compile, and rank
+# 1 would run a different binary from rank 0. N, K and the strides are: their divisibility vectorizes.
+@triton.jit(do_not_specialize=["M", "rank", "world_size", "rows_per_owner", "signature"])
 def _gemm_reduce_kernel(
     # pointers
     x_ptr,  # (M, K): this rank's activations (its K slice)

@@ -4,7 +4,7 @@ is tp_kernels.kernels.resources'; this module only lists the fused cases, kept a
 
 Each config is compiled in every variant: the reduce kernel in its three modes (reduce-scatter,
 two-shot and one-shot all-reduce) and the all-gather kernel, with the bias on, the global-timer waits
-of a GPU, and 8 rank lanes (the largest group). Run as `python -m tp_kernels.kernels.gemm_collective_resources`
+of a GPU, and the 8 rank lanes every launch has. Run as `python -m tp_kernels.kernels.gemm_collective_resources`
 (TRITON_INTERPRET unset); one JSON row per compiled kernel.
 """
 from __future__ import annotations
@@ -15,10 +15,11 @@ import sys
 from dataclasses import asdict
 from typing import Iterator, List
 
-MAX_WORLD_BLOCK = 8  # lanes of the rank vectors at the largest group (symmetric.MAX_WORLD_SIZE)
+from tp_kernels.comm.symmetric import MAX_WORLD_SIZE  # the rank lanes of every launch
+
 MODES = (("gemm_reduce_scatter", 0), ("gemm_all_reduce_two_shot", 1), ("gemm_all_reduce_one_shot", 2))
-# Ints a real launch does not see as multiples of 16 (a rank, the group size, rows per rank, the call's
-# signature): not hinted divisible, as the JIT would not specialize them so. N, K and the strides are.
+# The kernels' do_not_specialize ints (a rank, the group size, row counts, the call's signature): not
+# hinted divisible, as a launch does not specialize them. N, K and the strides are hinted.
 UNHINTED = ("rank", "world_size", "rows_per_owner", "M", "R", "n_publish", "signature")
 
 
@@ -45,7 +46,7 @@ def cases() -> Iterator[tuple]:
         name = f"{dtype_class}_M<={m_bucket}_{config}"
         for kernel, mode in MODES:
             yield (kernel, name, arch, _gemm_reduce_kernel, _types(dtype_class),
-                   dict(_constants(dtype_class, config), MODE=mode, WORLD_BLOCK=MAX_WORLD_BLOCK), UNHINTED, config)
+                   dict(_constants(dtype_class, config), MODE=mode, WORLD_BLOCK=MAX_WORLD_SIZE), UNHINTED, config)
         yield ("allgather_gemm", name, arch, _allgather_gemm_kernel, _types(dtype_class),
                _constants(dtype_class, config), UNHINTED, config)
 
