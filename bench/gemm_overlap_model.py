@@ -1,5 +1,6 @@
 """Modeled (not measured) H100 times of the overlapped row-parallel GEMM + all-reduce, from
-tp_kernels.perf.cost_model: sequential (k = 1) vs the best chunk count vs the bound max(T_gemm, T_comm), for
+tp_kernels.perf.cost_model: sequential (k = 1) vs the best chunk count vs the fused kernel (cost_model.fused_time_s)
+vs the bound max(T_gemm, T_comm), for
 Llama-70B-like shapes (hidden 8192, intermediate 28672, TP = 8, bf16) over M = 1 .. 8192; next to the
 published anchor, Flux (Chang et al. 2024, arXiv:2406.06858): GEMM + reduce-scatter at M=4096, K=49152,
 N=12288 on 8 H800s, 1.408 ms sequential -> 0.932 ms overlapped, whose ceiling is 1 + min/max.
@@ -16,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import RESULTS_DIR, Row, markdown_table, plot_lines, write_rows  # noqa: E402
+from tp_kernels.comm import ipc_plan  # noqa: E402
 from tp_kernels.perf import cost_model  # noqa: E402
 from tp_kernels.perf.cost_model import HARDWARE  # noqa: E402
 
@@ -42,11 +44,16 @@ def model_case(case, m, n, k, world_size, hw, collective):
     chunks = cost_model.best_chunks(m, n, k, world_size, DTYPE, hw, collective)
     best = cost_model.pipeline_time_s(m, n, k, world_size, DTYPE, hw, chunks, collective)
     bound = cost_model.overlap_bound_s(m, n, k, world_size, DTYPE, hw, collective)
+    algo = ipc_plan.choose_algorithm(m * n * cost_model.dtype_bytes(DTYPE), world_size, hw)  # the launcher's rule
+    fused = cost_model.fused_time_s(m, n, k, world_size, DTYPE, hw, collective, algo)
+    form = cost_model.best_form(m, n, k, world_size, DTYPE, hw, collective, algo)[0]
     return [_row(case, m, n, k, world_size, hw, seq, "sequential k=1", collective),
             _row(case, m, n, k, world_size, hw, best, f"overlapped best k={chunks}", collective,
                  baseline="sequential k=1", ratio=seq / best),
             _row(case, m, n, k, world_size, hw, bound, "bound max(T_gemm, T_comm)", collective,
-                 baseline="sequential k=1", ratio=seq / bound)]
+                 baseline="sequential k=1", ratio=seq / bound),
+            _row(case, m, n, k, world_size, hw, fused, "fused kernel (tile-level overlap, one launch)", collective,
+                 baseline="sequential k=1", ratio=seq / fused, notes=f"best_form picks {form}")]
 
 
 def main() -> None:
@@ -54,16 +61,18 @@ def main() -> None:
     rows, series = [], {}
     ms = [2 ** i for i in range(14)]  # 1 .. 8192
     for name, n, k in LAYERS:
-        seq_us, best_us, bound_us = [], [], []
+        seq_us, best_us, bound_us, fused_us = [], [], [], []
         for m in ms:
-            seq, best, bound = model_case(name, m, n, k, WORLD_SIZE, hw, "all_reduce")
-            rows += [seq, best, bound]
+            seq, best, bound, fused = model_case(name, m, n, k, WORLD_SIZE, hw, "all_reduce")
+            rows += [seq, best, bound, fused]
             seq_us.append(seq.median_us)
             best_us.append(best.median_us)
             bound_us.append(bound.median_us)
+            fused_us.append(fused.median_us)
         series[f"{name} sequential"] = (ms, seq_us)
         series[f"{name} best k"] = (ms, best_us)
         series[f"{name} bound"] = (ms, bound_us)
+        series[f"{name} fused"] = (ms, fused_us)
 
     # the Flux anchor, modeled on its own hardware (H800) and operation (reduce-scatter)
     h800 = HARDWARE["H800"]
@@ -94,11 +103,12 @@ def main() -> None:
     print()
     anchor_rows = [r for r in rows if r.case == "flux_anchor_gemm_rs"]
     print(markdown_table(anchor_rows, ["config", "kind", "median_us", "ratio"]))
-    seq, best = anchor[0].median_us, anchor[1].median_us
+    seq, best, fused = anchor[0].median_us, anchor[1].median_us, anchor[3].median_us
     g = cost_model.gemm_time_s(FLUX["m"], FLUX["n"], flux_k, DTYPE, h800) * 1e6
     c = cost_model.collective_time_s(FLUX["m"] * FLUX["n"] * 2, 8, h800, "reduce_scatter") * 1e6
     print(f"\nFlux anchor: modeled T_gemm={g:.0f} us, T_comm={c:.0f} us, ceiling 1 + min/max = "
-          f"{1 + min(g, c) / max(g, c):.2f}x; modeled speedup {seq / best:.2f}x; published {published_ratio:.2f}x")
+          f"{1 + min(g, c) / max(g, c):.2f}x; modeled speedup {seq / best:.2f}x chunked, {seq / fused:.2f}x fused; "
+          f"published {published_ratio:.2f}x")
     print(f"plot: {plot}")
 
 

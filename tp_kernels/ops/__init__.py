@@ -95,7 +95,10 @@ def gemm_allreduce(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor
     M is processed in `chunks` pieces so the reduction of one overlaps the GEMM of the next (CPU: on a
     communication thread; CUDA: on a communication stream); chunks=None lets the cost model
     (tp_kernels.perf.cost_model.best_chunks) choose, 1 for decode-sized M. The result equals the unchunked one
-    up to the order of floating-point sums.
+    up to the order of floating-point sums. On CUDA, for a group with symmetric buffers
+    (tp_kernels.comm.symmetric.SymmetricBuffer.create(tp, device=...)) and chunks=None, the fused kernel
+    (tp_kernels.kernels.gemm_collective: the reduction inside the GEMM, tile by tile) runs instead wherever
+    the cost model prefers it (tp_kernels.ops.gemm_collective_path); the same holds for the two ops below.
     """
     require_extension()
     return torch.ops.tp_kernels.gemm_allreduce(x, w, bias, _group_name(tp), chunks)

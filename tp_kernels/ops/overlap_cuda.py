@@ -2,6 +2,8 @@
 orchestrated from Python): chunk GEMMs on the current stream, collectives on a communication stream that
 waits for an event after each GEMM, the current stream waiting for the communication stream at the end.
 Stream waits and events only, no host synchronization, so every op here is capturable in a CUDA graph.
+Each op first asks tp_kernels.ops.gemm_collective_path whether the fused one-kernel form applies (the
+group has symmetric buffers and the cost model prefers it) and runs that instead.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Dict
 
 import torch
 
+from tp_kernels.ops.gemm_collective_path import fused_call
 from tp_kernels.ops.overlap_plan import (add_bias_, block_gemm, chunk_bounds, chunk_gemm, gather_rows,
                                          plan_allgather_gemm, plan_gemm_allreduce, plan_gemm_reduce_scatter,
                                          reduce_rows_of_rank)
@@ -44,6 +47,9 @@ def _reduce_pipeline(tp, out_chunks, gemms, reduce):
 
 def _gemm_allreduce_cuda(x, w, bias, group, chunks=None):
     tp, n_chunks = plan_gemm_allreduce(x, w, bias, group, chunks)
+    fused = fused_call(tp, x, w, bias, chunks, "all_reduce")  # one kernel, where gemm_collective_path says so
+    if fused is not None:
+        return fused
     m, n = x.shape[0], w.shape[0]
     out = x.new_empty((m, n))
     bounds = chunk_bounds(m, n_chunks)
@@ -55,6 +61,9 @@ def _gemm_allreduce_cuda(x, w, bias, group, chunks=None):
 
 def _gemm_reduce_scatter_cuda(x, w, bias, group, chunks=None):
     tp, x_blocks, n_chunks = plan_gemm_reduce_scatter(x, w, bias, group, chunks)
+    fused = fused_call(tp, x, w, bias, chunks, "reduce_scatter")
+    if fused is not None:
+        return fused
     rows_per_rank, n = x_blocks.shape[1], w.shape[0]
     out = x.new_empty((rows_per_rank, n))
     bounds = chunk_bounds(rows_per_rank, n_chunks)
@@ -66,6 +75,9 @@ def _gemm_reduce_scatter_cuda(x, w, bias, group, chunks=None):
 
 def _allgather_gemm_cuda(x, w, bias, group, chunks=None):
     tp, n_chunks = plan_allgather_gemm(x, w, bias, group, chunks)
+    fused = fused_call(tp, x, w, bias, chunks, "all_gather")
+    if fused is not None:
+        return fused
     rows_per_rank, n, p = x.shape[0], w.shape[0], tp.world_size
     out = x.new_empty((p, rows_per_rank, n))  # (p, M / p, N): block r <- rank r's input rows
     bounds = chunk_bounds(rows_per_rank, n_chunks)

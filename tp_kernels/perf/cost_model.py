@@ -208,3 +208,73 @@ def latency_bound_time_s(flops: float, bytes_moved: float, n_programs: int, byte
     peak_tflops = hw.tflops_fp32 if dtype == torch.float32 else hw.tflops_bf16
     bandwidth = streaming_bandwidth_gbps(n_programs, bytes_in_flight_per_program, hw, programs_per_sm)
     return max(flops / (peak_tflops * 1e12), bytes_moved / (bandwidth * 1e9))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused GEMM + collective (tp_kernels/kernels/gemm_collective*.py): one kernel, tile-level overlap
+# ----------------------------------------------------------------------------------------------------------
+FORMS = ("pipeline", "fused")
+FUSED_ALGOS = ("one_shot", "two_shot")
+
+
+def _fused_tile(m_rows: int, dtype: torch.dtype):
+    from tp_kernels.kernels.gemm_collective_configs import FUSED_TILES  # torch only, no triton
+
+    dtype_class = "fp32" if dtype == torch.float32 else "16bit"
+    bucket = 16 if m_rows <= 16 else 64 if m_rows <= 64 else None
+    return FUSED_TILES[dtype_class][bucket]
+
+
+def fused_time_s(m: int, n: int, k: int, world_size: int, dtype: torch.dtype, hw: Hardware,
+                 collective: str = "all_reduce", algo: str = "two_shot") -> float:
+    """Modeled time of the fused kernel for this rank's GEMM (m, k) x (k, n) and `collective`.
+
+    One launch; the output tiles run in W waves of one tile per SM. A wave's tiles go to their owners
+    (or, for the all-gather, its rows arrive) while the next wave computes, so the collective is cut
+    into W pieces with no launch, no weight re-read and no collective latency per piece:
+
+        T = g + (W - 1) * (max(g, c) + (1 - overlap_efficiency) * min(g, c)) / W + c / W + phases * L
+
+    g is the GEMM's roofline time with its one launch, c the collective's bytes over the link, L the
+    latency of one signal round, paid once per phase the protocol waits: the all-reduce (algo) is
+    "one_shot" (every rank pulls (p - 1) partials: one phase) or "two_shot" (2 (p - 1) / p of the bytes,
+    two phases); the kernel's launcher picks by the CUDA IPC all-reduce's rule (ipc_plan.choose_algorithm,
+    which callers pass on: this module cannot import ipc_plan, which imports it).
+    The chunk pipeline is the same formula with W = k chunks plus, per chunk, a launch, a weight re-read
+    and a collective latency. Both forms' collectives are modeled link-bound (their HBM traffic, alike
+    in both, is left out)."""
+    if collective not in COLLECTIVES:
+        raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+    if algo not in FUSED_ALGOS:
+        raise ValueError(f"algo must be one of {FUSED_ALGOS}, got {algo!r}")
+    g = gemm_time_s(m, n, k, dtype, hw)
+    if world_size <= 1:
+        return g
+    payload = _collective_payload(m, n, k, collective) * dtype_bytes(dtype)
+    c = collective_time_s(payload, world_size, hw, collective) - hw.link_latency_us * 1e-6  # bandwidth part
+    phases = 1
+    if collective == "all_reduce":
+        if algo == "one_shot":
+            c = (world_size - 1) * payload / (hw.link_gbps * 1e9)
+        else:
+            phases = 2
+    rows = m if collective == "all_gather" else -(-m // world_size)  # rows of a tile's block
+    block_m, block_n = _fused_tile(rows, dtype)
+    tiles = -(-m // block_m) * -(-n // block_n)
+    # one tile per SM and wave (SM counts: MEMORY_LATENCY); a hardware without an entry (a calibrated CPU
+    # host) runs every tile in its own wave
+    sms = MEMORY_LATENCY[hw.name].sm_count if hw.name in MEMORY_LATENCY else 1
+    waves = max(1, -(-tiles // sms))
+    stage = max(g, c) + (1.0 - hw.overlap_efficiency) * min(g, c)
+    return g / waves + (waves - 1) * stage / waves + c / waves + phases * hw.link_latency_us * 1e-6
+
+
+def best_form(m: int, n: int, k: int, world_size: int, dtype: torch.dtype, hw: Hardware,
+              collective: str = "all_reduce", algo: str = "two_shot"):
+    """(form, chunks, modeled seconds): the fused kernel (its all-reduce algo as in fused_time_s) or the
+    chunk pipeline with its best chunk count, whichever the model says is faster (ties go to the fused
+    kernel: one launch)."""
+    chunks = best_chunks(m, n, k, world_size, dtype, hw, collective)
+    pipeline = pipeline_time_s(m, n, k, world_size, dtype, hw, chunks, collective)
+    fused = fused_time_s(m, n, k, world_size, dtype, hw, collective, algo)
+    return ("fused", 1, fused) if fused <= pipeline else ("pipeline", chunks, pipeline)
