@@ -5,6 +5,7 @@
     y = tp_kernels.ops.gemm_allreduce(x, w, b, tp)     # torch.ops.tp_kernels.* with typed wrappers
     layer = tp_kernels.layers.RowParallelLinear.from_linear(linear, tp)
     model = tp_kernels.parallelize(hf_model, tp)      # a Hugging Face Llama, Qwen2 or GPT-2, in place
+    tp_kernels.calibrate(tp)                          # optional, collective: lets chunks=None plan on this CPU host
 
 Importing initializes no CUDA and works without the compiled extension (with a warning).
 """
@@ -12,6 +13,7 @@ from tp_kernels import _extension  # noqa: F401  (loads _C first: it declares th
 from tp_kernels import layers, ops, reference  # noqa: F401
 from tp_kernels.distributed import TPGroup
 from tp_kernels.parallelize import parallelize  # transformers is imported only when it is called
+from tp_kernels.perf.calibration import calibrate
 
 __version__ = "0.1.0"
-__all__ = ["TPGroup", "layers", "ops", "parallelize", "reference"]
+__all__ = ["TPGroup", "calibrate", "layers", "ops", "parallelize", "reference"]
