@@ -232,3 +232,19 @@ def test_decode_e2e_rows_report_missing_backend_and_comm_share():
             "weight_bytes_per_rank": 10 ** 6, "threads": 1}
     shm_row = decode_e2e.rows_for(2, both, args, ["shm", "torch"])[0]
     assert shm_row.baseline == "tp2 torch" and shm_row.ratio == pytest.approx(2.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# all_reduce
+# ----------------------------------------------------------------------------------------------------------
+def test_all_reduce_bench_times_every_path_interleaved():
+    """One tiny run: a row per path, the op and in-place op rows beside the direct ones."""
+    name = "test_all_reduce_smoke"
+    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "bench", "all_reduce.py"), "--sizes", "4K",
+                          "--dtypes", "fp32", "--no-gloo", "--rounds", "2", "--budget-s", "0.01", "--name", name],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = common.read_rows(os.path.join(common.RESULTS_DIR, f"{name}.csv"))
+    assert [r["case"] for r in rows] == ["shm-direct", "shm-direct-out", "shm-inplace", "shm-op", "shm-op-inplace",
+                                         "touch"]
+    assert all(r["median_us"] > 0 and r["kind"] == "measured" for r in rows)

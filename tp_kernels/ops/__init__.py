@@ -90,8 +90,9 @@ def gemm_allreduce(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor
 
     M is processed in `chunks` pieces so the reduction of one overlaps the GEMM of the next (CPU: on a
     communication thread; CUDA: on a communication stream); chunks=None lets the cost model
-    (tp_kernels.perf.cost_model.best_chunks) choose, 1 for decode-sized M. The result equals the unchunked one
-    up to the order of floating-point sums.
+    (tp_kernels.perf.cost_model.best_chunks) choose, 1 for decode-sized M, with the GPU's datasheet entry on
+    CUDA and on CPU only after tp_kernels.calibrate(tp) (else 1 chunk). The result equals the unchunked one
+    up to the order of floating-point sums. Backward: see tp_kernels.ops.autograd.
     """
     require_extension()
     return torch.ops.tp_kernels.gemm_allreduce(x, w, bias, _group_name(tp), chunks)
