@@ -16,17 +16,19 @@ MODEL = dict(family="llama", vocab_size=96, dim=32, n_layers=N_LAYERS, n_heads=4
 
 
 def _counted(calls: dict):
-    """Patch torch.distributed's all_reduce and all_gather_single to count calls into `calls`; returns a
-    function that restores them."""
+    """Patch torch.distributed's all_reduce and its flat all-gather (all_gather_single; torch 2.11 has only
+    all_gather_into_tensor) to count calls into calls["all_reduce"] / calls["all_gather"]; returns a function
+    that restores them."""
     import torch.distributed as dist
 
-    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather_single")}
-    for name, fn in originals.items():
-        def counted(*args, _fn=fn, _name=name, **kwargs):
-            calls[_name] += 1
+    gather = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    originals = {"all_reduce": ("all_reduce", dist.all_reduce), "all_gather": (gather, getattr(dist, gather))}
+    for key, (name, fn) in originals.items():
+        def counted(*args, _fn=fn, _key=key, **kwargs):
+            calls[_key] += 1
             return _fn(*args, **kwargs)
         setattr(dist, name, counted)
-    return lambda: [setattr(dist, name, fn) for name, fn in originals.items()]
+    return lambda: [setattr(dist, name, fn) for name, fn in originals.values()]
 
 
 def _decode_rank(tp, grad_mode):
@@ -40,7 +42,7 @@ def _decode_rank(tp, grad_mode):
         cache = model.new_cache(1, 16)
         with torch.set_grad_enabled(grad_mode):
             token = model(prompt, cache=cache, logits_at=torch.tensor([4])).argmax(-1)  # prefill, not counted
-            calls = {"all_reduce": 0, "all_gather_single": 0}
+            calls = {"all_reduce": 0, "all_gather": 0}
             steps_before = shm.sequence
             restore = _counted(calls)
             try:
@@ -59,10 +61,10 @@ def _decode_rank(tp, grad_mode):
 def _check(results):
     reductions = 2 * N_LAYERS + 1  # + the embedding
     for rank, (counts, tokens) in enumerate(results):
-        fast = {"all_reduce": 0, "all_gather_single": 0, "shm_steps": reductions + 1}  # + the logits gather
+        fast = {"all_reduce": 0, "all_gather": 0, "shm_steps": reductions + 1}  # + the logits gather
         assert counts[None] == fast, f"rank {rank}, default chain: {counts[None]}"
         assert counts["shm"] == fast, f"rank {rank}, use_backend('shm'): {counts['shm']}"
-        assert counts["torch"] == {"all_reduce": reductions, "all_gather_single": 1, "shm_steps": 0}, \
+        assert counts["torch"] == {"all_reduce": reductions, "all_gather": 1, "shm_steps": 0}, \
             f"rank {rank}, use_backend('torch'): {counts['torch']}"
         assert len(set(tokens.values())) == 1, f"rank {rank}: the backends disagree on the next token {tokens}"
 
