@@ -7,11 +7,14 @@ the memory-bandwidth floor of each size.
 
 Writes bench/results/all_reduce.{csv,json} and all_reduce_{latency,algbw}.png.
 
-Paths, each timed back to back on every rank (rank 0's times are reported):
+Paths, timed in interleaved rounds (--rounds; in each round every path runs one block of calls after a
+barrier, so a change of the host's load hits every path alike; rank 0's times are reported):
   shm-direct  ShmCommunicator.all_reduce(x): the communicator call, output allocated per call
   shm-direct-out  ShmCommunicator.all_reduce(x, out): into a preallocated output (no page faults)
   shm-inplace ShmCommunicator.all_reduce(buf, buf): in place, like gloo and DeepSpeed's inference_all_reduce
-  shm-op      tp_kernels.ops.all_reduce(x, tp): the torch op (dispatcher + Python impl + chain lookup)
+  shm-op      tp_kernels.ops.all_reduce(x, tp): the torch op (Python wrapper, dispatcher, autograd check, the
+              C++ CPU kernel, a new output): compare with shm-direct
+  shm-op-inplace  tp_kernels.ops.all_reduce_(buf, tp): the in-place op: compare with shm-inplace
   gloo        torch.distributed.all_reduce(buf, group) in place on a preallocated buffer
   touch       buf.add_(1) on every rank at once: not an all-reduce, the read + write of the message on every
               core that an in-place all-reduce cannot avoid (a floor that counts the cores' shared memory bus)
@@ -27,14 +30,15 @@ import datetime
 import os
 import sys
 import tempfile
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import RESULTS_DIR, Row, Timing, markdown_table, measure, plot_lines, write_rows  # noqa: E402
+from bench.common import (RESULTS_DIR, Row, Timing, markdown_table, measure, plot_lines, timing_from_samples,  # noqa: E402
+                          write_rows)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -122,9 +126,28 @@ def agreed_repeats(fn: Callable[[], object], budget_s: float, lo: int, hi: int) 
 
 
 def time_collective(fn: Callable[[], object], budget_s: float) -> Timing:
+    """One path's calls back to back after a barrier (bench/allreduce_rmsnorm.py)."""
     repeats = agreed_repeats(fn, budget_s, lo=10, hi=20000)
     dist.barrier()
     return measure(fn, warmup=3, repeats=repeats)
+
+
+def time_interleaved(paths: Dict[str, Callable[[], object]], budget_s: float, rounds: int) -> Dict[str, Timing]:
+    """Every path's per-call times over `rounds` rounds; in each round each path runs one block of calls
+    (budget_s / rounds of them, agreed by the ranks) right after a barrier."""
+    import time
+
+    repeats = {path: agreed_repeats(fn, budget_s / rounds, lo=10, hi=20000) for path, fn in paths.items()}
+    samples: Dict[str, List[float]] = {path: [] for path in paths}
+    for _ in range(rounds):
+        for path, fn in paths.items():
+            fn()  # warm-up of this block (caches, the branch predictor) after the other path's block
+            dist.barrier()
+            for _ in range(repeats[path]):
+                t0 = time.perf_counter()
+                fn()
+                samples[path].append(time.perf_counter() - t0)
+    return {path: timing_from_samples(times) for path, times in samples.items()}
 
 
 def _bench_rank(tp, args) -> List[dict]:
@@ -151,22 +174,22 @@ def _bench_rank(tp, args) -> List[dict]:
         dtype = DTYPES[dtype_name]
         numel = n_bytes // torch.tensor([], dtype=dtype).element_size()
         x = torch.randn(numel).to(dtype)
-        buf, out, touched = x.clone(), torch.empty_like(x), x.clone()
+        buf, buf_op, out, touched = x.clone(), x.clone(), torch.empty_like(x), x.clone()
         src, dst = torch.randn(numel).to(dtype), torch.empty(numel, dtype=dtype)
         paths = {
             "shm-direct": lambda: comm.all_reduce(x),
             "shm-direct-out": lambda: comm.all_reduce(x, out),
             "shm-inplace": lambda: comm.all_reduce(buf, buf),
             "shm-op": lambda: ops.all_reduce(x, tp),
+            "shm-op-inplace": lambda: ops.all_reduce_(buf_op, tp),
             "gloo": lambda: dist.all_reduce(buf, group=tp.process_group),
             "touch": lambda: touched.add_(1),
         }
         if args.no_gloo:
             paths.pop("gloo")
-        budget = args.budget_s
-        for path, fn in paths.items():
-            bar.set_postfix_str(f"{dtype_name} {size_label(n_bytes)} {path}")
-            records.append(dict(path=path, dtype=dtype_name, n_bytes=n_bytes, timing=time_collective(fn, budget)))
+        bar.set_postfix_str(f"{dtype_name} {size_label(n_bytes)}")
+        for path, timing in time_interleaved(paths, args.budget_s * len(paths), args.rounds).items():
+            records.append(dict(path=path, dtype=dtype_name, n_bytes=n_bytes, timing=timing))
         copy = measure(lambda: dst.copy_(src), warmup=3, repeats=max(10, min(2000, int(2e9 / max(n_bytes, 1)))))
         # rank 0's learned cost of either kind of publishing stores for this size, after its calls
         records.append(dict(path="copy", dtype=dtype_name, n_bytes=n_bytes, timing=copy,
@@ -206,7 +229,8 @@ def main(argv=None) -> None:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"bytes per rank, comma separated (default {DEFAULT_SIZES})")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma separated, of fp32, bf16, fp16")
-    parser.add_argument("--budget-s", type=float, default=0.3, help="target seconds of timed calls per case")
+    parser.add_argument("--budget-s", type=float, default=0.3, help="target seconds of timed calls per path and case")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of blocks per case (default 3)")
     parser.add_argument("--slot-kib", type=int, default=None, help="use a communicator with this slot size")
     parser.add_argument("--one-shot-max-kib", type=int, default=None, help="one-shot up to this size, two-shot above")
     parser.add_argument("--no-gloo", action="store_true", help="skip the gloo rows (and ratios)")

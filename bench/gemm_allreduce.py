@@ -64,7 +64,7 @@ def _rank(rank: int, init_file: str, ms, repeats: int, queue) -> None:
     from tp_kernels.distributed import TPGroup
 
     tp = TPGroup.from_group()
-    hw = calibration.hardware_for(tp, torch.device("cpu"))  # collective: measured (or cached) on both ranks
+    hw = calibration.calibrate(tp)  # collective: measured (or cached) on both ranks; chunks=None plans with it
     backend = tp.communicator_for(torch.empty(N)).name
     rows = []
     torch.manual_seed(rank)

@@ -12,6 +12,7 @@ bool built_with_cuda() {
 }
 void bind_shm(pybind11::module& m);      // csrc/cpu/shm_bindings.cpp
 void bind_shm_ops(pybind11::module& m);  // csrc/cpu/shm_ops.cpp
+void bind_autograd(pybind11::module& m);  // csrc/autograd.cpp
 }  // namespace tp_kernels
 
 #ifdef TP_KERNELS_WITH_CUDA
@@ -23,6 +24,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("built_with_cuda", &tp_kernels::built_with_cuda, "whether the CUDA sources were compiled in");
   tp_kernels::bind_shm(m);
   tp_kernels::bind_shm_ops(m);
+  tp_kernels::bind_autograd(m);
 #ifdef TP_KERNELS_WITH_CUDA
   bind_cuda_ipc(m);
 #endif

@@ -1,7 +1,7 @@
 // Every tp_kernels operator schema, declared once. Device implementations live beside their kernels
 // (csrc/cpu, csrc/cuda, and Python registrations in tp_kernels/ops); fake (meta) implementations are
 // registered in Python by tp_kernels.ops.fake, which set_python_module names so the dispatcher can say
-// where to find them.
+// where to find them; the autograd of every op is csrc/autograd.cpp.
 //
 // Collectives take their group as a registered name (str) so torch.compile can trace calls to them;
 // tp_kernels.distributed resolves the name to a TPGroup.
@@ -36,6 +36,8 @@ TORCH_LIBRARY(tp_kernels, m) {
   // Sum of x over the ranks of group, out of place; backend names a backend of the group's chain or is
   // "auto" (the first that applies, or the one tp.use_backend forces).
   m.def("all_reduce(Tensor x, str group, str backend=\"auto\") -> Tensor");
+  // The same, in place: x becomes the sum (for partial sums that are dead afterwards: no new output).
+  m.def("all_reduce_(Tensor(a!) x, str group, str backend=\"auto\") -> ()");
   // Concatenation of x from every rank of group along dim.
   m.def("all_gather(Tensor x, str group, int dim) -> Tensor");
 

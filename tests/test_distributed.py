@@ -81,24 +81,26 @@ def test_backends_argument_is_checked():
 
 
 class _CountingTorchCalls:
-    """Counts the calls that reach torch.distributed's all_reduce / all_gather_single in this process."""
+    """Counts the calls that reach torch.distributed's all_reduce and flat all-gather in this process
+    (all_gather_single; torch 2.11 has only all_gather_into_tensor)."""
 
     def __init__(self):
         import torch.distributed as dist
 
-        self.dist, self.counts = dist, {"all_reduce": 0, "all_gather_single": 0}
-        self.originals = {name: getattr(dist, name) for name in self.counts}
+        gather = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+        self.dist, self.counts = dist, {"all_reduce": 0, "all_gather": 0}
+        self.originals = {"all_reduce": ("all_reduce", dist.all_reduce), "all_gather": (gather, getattr(dist, gather))}
 
     def __enter__(self):
-        for name, fn in self.originals.items():
-            def counted(*args, _fn=fn, _name=name, **kwargs):
-                self.counts[_name] += 1
+        for key, (name, fn) in self.originals.items():
+            def counted(*args, _fn=fn, _key=key, **kwargs):
+                self.counts[_key] += 1
                 return _fn(*args, **kwargs)
             setattr(self.dist, name, counted)
         return self.counts
 
     def __exit__(self, *exc):
-        for name, fn in self.originals.items():
+        for name, fn in self.originals.values():
             setattr(self.dist, name, fn)
 
 
@@ -141,8 +143,8 @@ def _use_backend_rank(tp):
 
 def test_use_backend_is_honoured_by_every_path():
     for seen in spawn_ranks(2, _use_backend_rank):
-        shm_only = ({"all_reduce": 0, "all_gather_single": 0}, 3, 3.0, (8, 8), 3.0)
-        torch_only = ({"all_reduce": 2, "all_gather_single": 1}, 0, 3.0, (8, 8), 3.0)
+        shm_only = ({"all_reduce": 0, "all_gather": 0}, 3, 3.0, (8, 8), 3.0)
+        torch_only = ({"all_reduce": 2, "all_gather": 1}, 0, 3.0, (8, 8), 3.0)
         assert seen == {"default": shm_only, "torch": torch_only, "shm inside torch": shm_only,
                         "torch again": torch_only, "after": shm_only}, seen
 

@@ -46,18 +46,24 @@ def test_sequence_parallel_mlp_matches_unsharded(world_size):
 
 def _calibrate_rank(tp, cache_dir):
     os.environ[calibration.CACHE_ENV] = cache_dir
-    measured = calibration.calibrate_cpu(tp, force=True)
-    cached = calibration.calibrate_cpu(tp)
     x = torch.randn(4096, 64)
+    plan = lambda: overlap_plan.plan_chunks(None, tp, x, 4096, 8192, 1024, 4096, "all_reduce")  # noqa: E731
+    uncalibrated = plan(), calibration.hardware_for(tp, x.device), os.listdir(cache_dir)
+    measured = calibration.calibrate(tp, force=True)
+    cached = calibration.calibrate(tp)
+    in_use = calibration.hardware_for(tp, x.device)
     calibration.set_hardware(tp, cost_model.HARDWARE["H100"])
-    planned = overlap_plan.plan_chunks(None, tp, x, 4096, 8192, 1024, 4096, "all_reduce")
+    planned = plan()
     calibration.set_hardware(tp, None)
-    return measured, cached, planned
+    return uncalibrated, measured, cached, in_use is cached, planned
 
 
-def test_calibration_is_identical_on_every_rank_and_cached(tmp_path):
+def test_calibration_is_explicit_identical_on_every_rank_and_cached(tmp_path):
     results = spawn_ranks(2, _calibrate_rank, str(tmp_path))
-    (measured0, cached0, planned0), (measured1, cached1, planned1) = results
+    (uncalibrated0, measured0, cached0, in_use0, planned0), (uncalibrated1, measured1, cached1, in_use1, planned1) = results
+    # before tp_kernels.calibrate: one chunk on CPU, no constants, nothing written
+    assert uncalibrated0 == uncalibrated1 == (1, None, [])
+    assert in_use0 and in_use1  # calibrate() sets what the ops plan with
     fields = ("tflops_fp32", "tflops_bf16", "hbm_gbps", "link_gbps", "link_latency_us", "launch_overhead_us",
               "overlap_efficiency")
     for name in fields:

@@ -217,6 +217,10 @@ def _native_path_rank(tp, seed):
         handed_to_python.append(("all_reduce", group == tp.name, backend, str(x.dtype)))
         return native._all_reduce(x, group, backend)
 
+    def spy_inplace(x, group, backend):
+        handed_to_python.append(("all_reduce_", group == tp.name, backend, str(x.dtype)))
+        return native._all_reduce_inplace(x, group, backend)
+
     def spy_fused(x, residual, weight, eps, group):
         handed_to_python.append(("fused", group == tp.name, x.shape[-1]))
         return native._allreduce_residual_rmsnorm(x, residual, weight, eps, group)
@@ -229,12 +233,16 @@ def _native_path_rank(tp, seed):
                         process_group=tp.process_group,
                         communicators=[IdentityCommunicator(tp.world_size), TorchCommunicator(tp.process_group)])
     seen = {}
-    _C.set_cpu_collective_fallbacks(spy_all_reduce, spy_fused)
+    _C.set_cpu_collective_fallbacks(spy_all_reduce, spy_inplace, spy_fused)
     try:
         native_sum = ops.all_reduce(x, tp)
+        native_inplace = ops.all_reduce_(x.clone(), tp)
         native_fused = ops.allreduce_residual_rmsnorm(x, residual, weight, 1e-6, tp)
         seen["shm group, plain calls"] = list(handed_to_python)
         ops.all_reduce(x, tp, backend="torch")
+        ops.all_reduce_(x.clone(), tp, backend="torch")
+        with tp.use_backend("torch"):
+            ops.all_reduce(x, tp)
         ops.all_reduce(x.double(), tp)
         ops.all_reduce(x, gloo_only)
         ops.allreduce_residual_rmsnorm(torch.ones(1, wide), torch.ones(1, wide), torch.ones(wide), 1e-6, tp)
@@ -242,23 +250,28 @@ def _native_path_rank(tp, seed):
             ops.allreduce_residual_rmsnorm(x, residual, weight[:-1], 1e-6, tp)
         seen["all"] = list(handed_to_python)
     finally:
-        _C.set_cpu_collective_fallbacks(native._all_reduce, native._allreduce_residual_rmsnorm)
+        _C.set_cpu_collective_fallbacks(native._all_reduce, native._all_reduce_inplace,
+                                        native._allreduce_residual_rmsnorm)
         gloo_only.close()
     python_sum = tp.communicator_for(x).all_reduce(x)
     python_fused = tp.communicator_for(x).allreduce_residual_rmsnorm(x, residual, weight, 1e-6)
-    same = torch.equal(native_sum, python_sum) and all(map(torch.equal, native_fused, python_fused))
+    same = (torch.equal(native_sum, python_sum) and torch.equal(native_inplace, python_sum)
+            and all(map(torch.equal, native_fused, python_fused)))
     return seen, same
 
 
 def test_cpu_ops_skip_python_for_shm_groups(seed):
-    """all_reduce / allreduce_residual_rmsnorm on a group whose CPU chain starts with shm run in C++
-    (csrc/cpu/shm_ops.cpp); everything else reaches the Python chain, errors included."""
+    """all_reduce / all_reduce_ / allreduce_residual_rmsnorm on a group whose chain picks shm run in C++
+    (csrc/cpu/shm_ops.cpp); everything else (another backend named or forced) reaches the Python chain,
+    errors included."""
     for rank, (seen, same) in enumerate(spawn_ranks(2, _native_path_rank, seed)):
         assert seen["shm group, plain calls"] == [], f"rank {rank}: plain shm calls went through Python"
         assert seen["all"] == [("all_reduce", True, "torch", "torch.float32"),
+                               ("all_reduce_", True, "torch", "torch.float32"),
+                               ("all_reduce", True, "auto", "torch.float32"),  # inside use_backend("torch")
                                ("all_reduce", True, "auto", "torch.float64"),
                                ("all_reduce", False, "auto", "torch.float32"),
-                               ("fused", True, seen["all"][3][2]),
+                               ("fused", True, seen["all"][5][2]),
                                ("fused", True, 50)], f"rank {rank}: {seen['all']}"
         assert same, f"rank {rank}: the C++ path and the Python chain disagree"
 

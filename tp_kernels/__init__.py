@@ -6,6 +6,7 @@
     layer = tp_kernels.layers.RowParallelLinear.from_linear(linear, tp)
     model = tp_kernels.parallelize(hf_model, tp)      # a Hugging Face causal LM (Llama, Qwen3, Phi3, ...), in place
     tp_kernels.save_pretrained(model, "out/")         # every rank: one full checkpoint transformers reloads
+    tp_kernels.calibrate(tp)                          # optional, collective: lets chunks=None plan on this CPU host
 
 Importing initializes no CUDA and works without the compiled extension (with a warning).
 """
@@ -13,6 +14,7 @@ from tp_kernels import _extension  # noqa: F401  (loads _C first: it declares th
 from tp_kernels import layers, ops, reference  # noqa: F401
 from tp_kernels.distributed import TPGroup
 from tp_kernels.parallelize import parallelize, save_pretrained  # transformers is imported only when called
+from tp_kernels.perf.calibration import calibrate
 
 __version__ = "0.1.0"
-__all__ = ["TPGroup", "layers", "ops", "parallelize", "reference", "save_pretrained"]
+__all__ = ["TPGroup", "calibrate", "layers", "ops", "parallelize", "reference", "save_pretrained"]

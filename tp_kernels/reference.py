@@ -136,6 +136,13 @@ def all_reduce(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     return total.to(xs[0].dtype)
 
 
+def all_reduce_(xs: Sequence[torch.Tensor]) -> None:
+    """all_reduce in place: every rank's tensor becomes the sum (all_reduce's bits)."""
+    total = all_reduce(xs)
+    for x in xs:
+        x.copy_(total)
+
+
 def all_gather(xs: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     """Every rank's tensor concatenated along dim, rank 0 first."""
     return torch.cat(list(xs), dim=dim)

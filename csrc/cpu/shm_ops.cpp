@@ -1,4 +1,4 @@
-// The CPU kernels of tp_kernels::all_reduce and tp_kernels::allreduce_residual_rmsnorm.
+// The CPU kernels of tp_kernels::all_reduce, all_reduce_ (in place) and allreduce_residual_rmsnorm.
 //
 // Why in C++: a Python kernel behind the dispatcher costs ~17 us per call on the 2-core CI host (boxing
 // the arguments into Python, the chain lookup, unboxing), several times the 4 KiB shared-memory
@@ -47,6 +47,7 @@ std::shared_ptr<ShmCommunicator> find_shm_group(c10::string_view group) {
 // interpreter finalized (static destructors run after that) would crash at exit.
 struct PythonFallbacks {
   py::object* all_reduce = nullptr;
+  py::object* all_reduce_ = nullptr;
   py::object* allreduce_residual_rmsnorm = nullptr;
 };
 
@@ -75,6 +76,17 @@ at::Tensor all_reduce_cpu(const at::Tensor& x, c10::string_view group, c10::stri
   py::gil_scoped_acquire gil;
   return fallback(fallbacks().all_reduce, "all_reduce")(x, std::string(group), std::string(backend))
       .cast<at::Tensor>();
+}
+
+void all_reduce_inplace_cpu(at::Tensor& x, c10::string_view group, c10::string_view backend) {
+  if (shm_backend(backend) && shm_dtype(x) && x.is_contiguous()) {
+    if (auto comm = find_shm_group(group)) {
+      comm->all_reduce(x, x);
+      return;
+    }
+  }
+  py::gil_scoped_acquire gil;
+  fallback(fallbacks().all_reduce_, "all_reduce_")(x, std::string(group), std::string(backend));
 }
 
 std::tuple<at::Tensor, at::Tensor> allreduce_residual_rmsnorm_cpu(const at::Tensor& x, const at::Tensor& residual,
@@ -110,16 +122,17 @@ void bind_shm_ops(py::module& m) {
         }
       },
       py::arg("group"), py::arg("comm"),
-      "Serve the CPU all_reduce / allreduce_residual_rmsnorm ops of group (backend 'auto' or 'shm') with comm "
-      "without going through Python; None forgets the group.");
+      "Serve the CPU all_reduce / all_reduce_ / allreduce_residual_rmsnorm ops of group (backend 'auto' or 'shm') "
+      "with comm without going through Python; None forgets the group.");
   m.def(
       "set_cpu_collective_fallbacks",
-      [](py::object all_reduce, py::object allreduce_residual_rmsnorm) {
+      [](py::object all_reduce, py::object all_reduce_, py::object allreduce_residual_rmsnorm) {
         // replaced ones are leaked too: a reload is rare and the old objects may still be running
         fallbacks().all_reduce = new py::object(std::move(all_reduce));
+        fallbacks().all_reduce_ = new py::object(std::move(all_reduce_));
         fallbacks().allreduce_residual_rmsnorm = new py::object(std::move(allreduce_residual_rmsnorm));
       },
-      py::arg("all_reduce"), py::arg("allreduce_residual_rmsnorm"),
+      py::arg("all_reduce"), py::arg("all_reduce_"), py::arg("allreduce_residual_rmsnorm"),
       "The Python implementations the CPU kernels call for everything but the registered shm groups.");
 }
 
@@ -127,5 +140,6 @@ void bind_shm_ops(py::module& m) {
 
 TORCH_LIBRARY_IMPL(tp_kernels, CPU, m) {
   m.impl("all_reduce", &tp_kernels::all_reduce_cpu);
+  m.impl("all_reduce_", &tp_kernels::all_reduce_inplace_cpu);
   m.impl("allreduce_residual_rmsnorm", &tp_kernels::allreduce_residual_rmsnorm_cpu);
 }

@@ -78,7 +78,9 @@ class VocabParallelEmbedding(_VocabShard):
         in_range = (local >= 0) & (local < self.vocab_size_per_rank)
         rows = F.embedding(local.clamp(0, self.vocab_size_per_rank - 1), self.weight)  # (..., dim)
         rows = rows * in_range.unsqueeze(-1).to(rows.dtype)
-        return ops.all_reduce(rows, self.tp)
+        if torch.is_grad_enabled() and rows.requires_grad:
+            return ops.all_reduce(rows, self.tp)  # differentiable (its gradient is the summed gradient)
+        return ops.all_reduce_(rows, self.tp)  # rows is this rank's partial sum, dead afterwards: reduce in place
 
 
 class ParallelLMHead(_VocabShard):

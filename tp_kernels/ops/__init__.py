@@ -15,6 +15,7 @@ from tp_kernels._extension import _C, require_extension
 from tp_kernels.distributed import TPGroup
 
 if _C is not None:
+    from tp_kernels.ops import autograd as _autograd  # noqa: F401  (the backward formulas)
     from tp_kernels.ops import fake as _fake  # noqa: F401  (registers fake impls)
     from tp_kernels.ops import native as _native  # noqa: F401  (registers torch-native impls)
     from tp_kernels.ops import overlap_cpu as _overlap_cpu  # noqa: F401  (registers the overlapped GEMM + collectives)
@@ -23,7 +24,7 @@ if _C is not None:
 GroupLike = Union[TPGroup, str]
 
 __all__ = ["qkv_rope", "qkv_rope_kv_cache", "gemm_allreduce", "gemm_reduce_scatter", "allgather_gemm", "all_reduce",
-           "all_gather", "add_rmsnorm", "allreduce_residual_rmsnorm"]
+           "all_reduce_", "all_gather", "add_rmsnorm", "allreduce_residual_rmsnorm"]
 
 
 def _group_name(tp: GroupLike) -> str:
@@ -94,11 +95,13 @@ def gemm_allreduce(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor
 
     M is processed in `chunks` pieces so the reduction of one overlaps the GEMM of the next (CPU: on a
     communication thread; CUDA: on a communication stream); chunks=None lets the cost model
-    (tp_kernels.perf.cost_model.best_chunks) choose, 1 for decode-sized M. The result equals the unchunked one
+    (tp_kernels.perf.cost_model.best_chunks) choose, 1 for decode-sized M, with the GPU's datasheet entry on
+    CUDA and on CPU only after tp_kernels.calibrate(tp) (else 1 chunk). The result equals the unchunked one
     up to the order of floating-point sums. On CUDA, for a group with symmetric buffers
     (tp_kernels.comm.symmetric.SymmetricBuffer.create(tp, device=...)) and chunks=None, the fused kernel
     (tp_kernels.kernels.gemm_collective: the reduction inside the GEMM, tile by tile) runs instead wherever
     the cost model prefers it (tp_kernels.ops.gemm_collective_path); the same holds for the two ops below.
+    Backward: see tp_kernels.ops.autograd.
     """
     require_extension()
     return torch.ops.tp_kernels.gemm_allreduce(x, w, bias, _group_name(tp), chunks)
@@ -153,6 +156,22 @@ def all_reduce(x: torch.Tensor, tp: GroupLike, backend: str = "auto") -> torch.T
     """
     require_extension()
     return torch.ops.tp_kernels.all_reduce(x, _group_name(tp), backend)
+
+
+def all_reduce_(x: torch.Tensor, tp: GroupLike, backend: str = "auto") -> torch.Tensor:
+    """all_reduce in place: x becomes the sum over the ranks of tp; returns x. For partial sums that are
+    dead afterwards, it saves the new output's allocation and first touch (bench/all_reduce.py).
+
+    Plain PyTorch equivalent::
+
+        torch.distributed.all_reduce(x, group=tp.process_group)
+
+    Inference only: x must not require grad in grad mode (that raises; all_reduce is the differentiable
+    one). backend as for all_reduce.
+    """
+    require_extension()
+    torch.ops.tp_kernels.all_reduce_(x, _group_name(tp), backend)
+    return x
 
 
 def all_gather(x: torch.Tensor, tp: GroupLike, dim: int = -1) -> torch.Tensor:

@@ -53,6 +53,11 @@ def _all_reduce_fake(x, group, backend="auto"):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("tp_kernels::all_reduce_")
+def _all_reduce_inplace_fake(x, group, backend="auto"):
+    return None
+
+
 @torch.library.register_fake("tp_kernels::all_gather")
 def _all_gather_fake(x, group, dim):
     from tp_kernels.distributed import resolve

@@ -37,6 +37,10 @@ def _all_reduce(x, group, backend="auto"):
     return resolve(group).all_reduce(x.contiguous(), backend)
 
 
+def _all_reduce_inplace(x, group, backend="auto"):
+    resolve(group).all_reduce(x, backend, out=x)
+
+
 def _all_gather(x, group, dim):
     return resolve(group).all_gather(x.contiguous(), dim % max(x.dim(), 1))
 
@@ -53,9 +57,10 @@ def _allreduce_residual_rmsnorm(x, residual, weight, eps, group):
 torch.library.register_kernel("tp_kernels::qkv_rope", "cpu", _qkv_rope)
 torch.library.register_kernel("tp_kernels::qkv_rope_kv_cache", "cpu", _qkv_rope_kv_cache)
 torch.library.register_kernel("tp_kernels::all_gather", CPU_AND_CUDA, _all_gather)
-# all_reduce and allreduce_residual_rmsnorm have C++ CPU kernels (csrc/cpu/shm_ops.cpp) that serve groups
-# whose CPU chain starts with the shm communicator without a trip through Python, and call these for the
-# rest of the chain.
+# all_reduce, all_reduce_ and allreduce_residual_rmsnorm have C++ CPU kernels (csrc/cpu/shm_ops.cpp) that
+# serve groups whose chain picks the shm communicator without a trip through Python, and call these for
+# everything else.
 torch.library.register_kernel("tp_kernels::all_reduce", "cuda", _all_reduce)
+torch.library.register_kernel("tp_kernels::all_reduce_", "cuda", _all_reduce_inplace)
 torch.library.register_kernel("tp_kernels::allreduce_residual_rmsnorm", "cuda", _allreduce_residual_rmsnorm)
-_C.set_cpu_collective_fallbacks(_all_reduce, _allreduce_residual_rmsnorm)
+_C.set_cpu_collective_fallbacks(_all_reduce, _all_reduce_inplace, _allreduce_residual_rmsnorm)

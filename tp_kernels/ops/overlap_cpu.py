@@ -42,9 +42,10 @@ def _gemm_allreduce_cpu(x, w, bias, group, chunks=None):
     tp, n_chunks = plan_gemm_allreduce(x, w, bias, group, chunks)
     m = x.shape[0]
     if n_chunks == 1:
-        return add_bias_(tp.all_reduce(chunk_gemm(x, w)), bias)
+        partial = chunk_gemm(x, w)  # (M, N), dead once reduced: reduced in place
+        return add_bias_(tp.all_reduce(partial, out=partial), bias)
     jobs = [lambda s=start, e=stop: chunk_gemm(x[s:e], w) for start, stop in chunk_bounds(m, n_chunks)]
-    reduced = _pipeline_cpu(tp, jobs, lambda tp_, t: tp_.all_reduce(t), None)
+    reduced = _pipeline_cpu(tp, jobs, lambda tp_, t: tp_.all_reduce(t, out=t), None)
     return add_bias_(torch.cat(reduced), bias)  # (M, N)
 
 

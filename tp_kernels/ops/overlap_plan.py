@@ -29,6 +29,7 @@ reduce-scatter's), and the cost model plans it as one.
 """
 from __future__ import annotations
 
+import logging
 from typing import List, Tuple
 
 import torch
@@ -38,6 +39,7 @@ from tp_kernels.distributed import TPGroup, resolve
 from tp_kernels.ops import checks
 from tp_kernels.perf import calibration, cost_model
 
+log = logging.getLogger(__name__)
 
 def _triton_matmul():
     """tp_kernels.kernels.matmul.matmul, or None where triton is not installed (the CPU-only torch)."""
@@ -77,20 +79,42 @@ def chunk_bounds(n_rows: int, n_chunks: int) -> List[Tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+_LOGGED_PLANS: set = set()
+
+
 def plan_chunks(chunks, tp: TPGroup, x: torch.Tensor, m: int, n: int, k: int, n_rows: int, collective: str) -> int:
-    """The chunk count: the caller's, else the cost model's for this rank's GEMM (m, k) x (k, n);
-    clamped to the n_rows that are split so that no chunk is empty."""
+    """The chunk count: the caller's, else the cost model's for this rank's GEMM (m, k) x (k, n) with the
+    constants of tp_kernels.perf.calibration.hardware_for (1 where there are none: a CPU group never
+    calibrated); clamped to the n_rows that are split so that no chunk is empty. What chunks=None plans
+    with is logged once per group and device type."""
     if chunks is None:
         if tp.world_size == 1 or n_rows <= 1:
             return 1  # no collective to hide / nothing to split
         hw = calibration.hardware_for(tp, x.device)
+        _log_plan_once(tp, x.device, hw)
+        if hw is None:
+            return 1
         chunks = cost_model.best_chunks(m, n, k, tp.world_size, x.dtype, hw, collective)
     return max(1, min(chunks, n_rows))
 
 
+def _log_plan_once(tp: TPGroup, device: torch.device, hw) -> None:
+    key = (tp.name, device.type)
+    if key in _LOGGED_PLANS:
+        return
+    _LOGGED_PLANS.add(key)
+    if hw is None:
+        log.info("group %r: chunks=None runs the overlapped ops on %s as one chunk (no calibration; "
+                 "tp_kernels.calibrate(tp) measures this host and lets the cost model choose)", tp.name, device.type)
+    else:
+        log.info("group %r: chunks=None plans the overlapped ops on %s with %s (%s)", tp.name, device.type, hw.name,
+                 hw.source)
+
+
 def reduce_rows_of_rank(tp: TPGroup, partial: torch.Tensor) -> torch.Tensor:
-    """partial (p, rows, N) -> the sum over the group of block tp.rank: (rows, N)."""
-    return tp.all_reduce(partial)[tp.rank]
+    """partial (p, rows, N) -> the sum over the group of block tp.rank: (rows, N), a view into partial,
+    which is reduced in place (the caller's partial products are dead once reduced)."""
+    return tp.all_reduce(partial, out=partial)[tp.rank]
 
 
 def gather_rows(tp: TPGroup, x_chunk: torch.Tensor) -> torch.Tensor:

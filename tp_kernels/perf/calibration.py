@@ -1,11 +1,18 @@
-"""The Hardware a group's overlap ops plan with: datasheet constants for a known GPU, or constants
-measured on this CPU host by a short collective calibration, cached on disk.
+"""The Hardware a group's overlap ops plan their chunk counts with, and the explicit calibration of a CPU host.
+
+Where the constants come from, first match:
+1. `set_hardware(tp, hw)` or `calibrate(tp)` (which measures this host and sets them);
+2. a CUDA device: the datasheet entry of its GPU (cost_model.HARDWARE; the H100's, with a warning, for
+   an unknown GPU);
+3. otherwise (a CPU group never calibrated): none; the ops then run chunks=None as one chunk, which is
+   what the CPU measurements support (README: extra chunks did not pay on this host).
+No op measures, writes files or runs collectives of its own to get them: calibration is a call of yours.
 
 The chunk count of a pipelined op decides how many collectives each rank issues, so every rank of a
-group must plan with the same constants: calibration measures on every rank, averages the figures over
-the group, and a cached calibration is taken from rank 0 and sent to the others. Calibration is itself
-collective (every rank must reach it together), which the ops guarantee by calibrating at the first
-call with chunks=None, a call every rank makes.
+group must plan with the same constants: `calibrate` measures on every rank and averages the figures over
+the group, or sends rank 0's cached figures to all; it is collective (call it on every rank). The cache is
+one JSON file per host, world size, thread count, backend and torch version under TP_KERNELS_CACHE_DIR
+(default ~/.cache/tp_kernels).
 """
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ def cache_dir() -> str:
 
 def set_hardware(tp: TPGroup, hw: Optional[cost_model.Hardware]) -> None:
     """Plan tp's overlap ops with hw (e.g. a GPU of cost_model.HARDWARE, or constants of your own); None
-    goes back to the default (datasheet or calibration). Call it on every rank with the same hw."""
+    goes back to the default (datasheet on CUDA, one chunk on CPU). Call it on every rank with the same hw."""
     if hw is None:
         _HARDWARE.pop(tp, None)
         return
@@ -55,17 +62,22 @@ def set_hardware(tp: TPGroup, hw: Optional[cost_model.Hardware]) -> None:
     _HARDWARE[tp] = hw
 
 
-def hardware_for(tp: TPGroup, device: torch.device) -> cost_model.Hardware:
-    """The constants tp's ops plan with on device: set_hardware's, else the datasheet of a known GPU,
-    else (CPU) a calibration of this host, measured now on first use (collective) or read from cache."""
+def hardware_for(tp: TPGroup, device: torch.device) -> Optional[cost_model.Hardware]:
+    """The constants tp's ops plan with on device: set_hardware's or calibrate's, else the datasheet of the
+    device's GPU, else None (a CPU group never calibrated). Never measures, reads files or communicates."""
     hw = _HARDWARE.get(tp)
     if hw is not None:
         return hw
     if device.type == "cuda":
-        hw = _gpu_hardware(device)
-    else:
-        hw = calibrate_cpu(tp)
-    _HARDWARE[tp] = hw
+        return _gpu_hardware(device)
+    return None
+
+
+def calibrate(tp: TPGroup, force: bool = False) -> cost_model.Hardware:
+    """Measure this CPU host for tp's overlap ops (or take rank 0's cached figures unless force) and plan
+    with the result from now on; returns it. Collective: call it on every rank of tp. ~0.5 s."""
+    hw = calibrate_cpu(tp, force)
+    set_hardware(tp, hw)
     return hw
 
 
