@@ -39,8 +39,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import RESULTS_DIR, Row, plot_lines, timing_from_samples, write_rows  # noqa: E402
+from common import RESULTS_DIR, Row, plot_lines, timing_from_samples, write_rows
 
 BENCH = "decode_e2e"
 BACKENDS = ("shm", "torch")

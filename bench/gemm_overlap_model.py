@@ -9,15 +9,12 @@ N=12288 on 8 H800s, 1.408 ms sequential -> 0.932 ms overlapped, whose ceiling is
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import RESULTS_DIR, Row, markdown_table, plot_lines, write_rows  # noqa: E402
-from tp_kernels import perfmodel  # noqa: E402
-from tp_kernels.perfmodel import HARDWARE  # noqa: E402
+from common import RESULTS_DIR, Row, markdown_table, plot_lines, write_rows
+from tp_kernels import perfmodel
+from tp_kernels.perfmodel import HARDWARE
 
 BENCH = "gemm_overlap_model"
 WORLD_SIZE = 8

@@ -13,17 +13,13 @@ fused kernel's advantage at decode sizes; rows say kind="modeled".
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import Row, environment, markdown_table, measure_cuda, write_rows  # noqa: E402
-from tp_kernels import perfmodel, reference  # noqa: E402
-from tp_kernels.perfmodel import HARDWARE  # noqa: E402
+from common import Row, environment, markdown_table, measure_cuda, write_rows
+from tp_kernels import perfmodel, reference
+from tp_kernels.perfmodel import HARDWARE
 
 BENCH = "qkv_rope"
 DTYPE = torch.bfloat16

@@ -8,17 +8,20 @@ import sys
 import pytest
 import torch
 
-import tp_kernels  # noqa: F401  (first: the installed package, before the repo root goes on sys.path)
 from tp_kernels import perfmodel_decode as pd
 from tp_kernels.perfmodel import HARDWARE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The bench scripts put the repo root first on sys.path when imported (so they run from a checkout);
-# restore it afterwards, or processes spawned later by other tests would import the source tree's
-# tp_kernels instead of the one under test (the installed copy in the CPU-only-torch run).
+BENCH_DIR = os.path.join(REPO_ROOT, "bench")
+# The bench scripts import each other as top-level modules (`from common import ...`): run as
+# `python bench/x.py`, bench/ is first on sys.path and tp_kernels is the installed package. Import them the
+# same way here, and take bench/ off sys.path again so nothing imported later resolves there.
 _saved_path = list(sys.path)
-sys.path.append(REPO_ROOT)
-from bench import common, decode_e2e, decode_model, run_all  # noqa: E402
+sys.path.insert(0, BENCH_DIR)
+import common  # noqa: E402
+import decode_e2e  # noqa: E402
+import decode_model  # noqa: E402
+import run_all  # noqa: E402
 
 sys.path[:] = _saved_path
 
