@@ -17,7 +17,8 @@ def _env_importing_this_tp_kernels() -> dict:
 
 def test_cli_generates_at_tp2():
     cmd = [sys.executable, "-m", "tp_kernels.generate", "--model", "tiny", "--tp", "2", "--device", "cpu",
-           "--prompt", "hello", "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
+           "--prompt", "hello", "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9",
+           "--seed", "3"]
     proc = subprocess.run(cmd, env=_env_importing_this_tp_kernels(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "prefill: 5 tokens" in proc.stdout
