@@ -115,15 +115,16 @@ def _pip_nvidia_includes():
 
 
 def _put_ninja_on_path():
-    """torch compiles through ninja when `ninja` is on PATH, else one source at a time. The ninja package
-    installs its binary into the environment's bin/, which is not on PATH when pip runs from a venv that
-    was not activated."""
-    if shutil.which("ninja") is None:
-        try:
-            import ninja
-        except ImportError:
-            return  # torch then warns that it falls back to its slow serial build
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    """torch compiles through the first `ninja` on PATH, else one source at a time. Prefer the ninja package
+    of the environment that runs the build (the venv's, or the one pip's isolated build installs) over
+    another on PATH: its bin/ is not on PATH when the venv is not activated, and a ninja that finds a build
+    log written by another version starts over (1.11 writes format v5, 1.13 v7), so make's build and a later
+    `pip install .` of the same tree would not share their objects."""
+    try:
+        import ninja
+    except ImportError:
+        return  # the ninja on PATH, if any; without one torch warns and compiles serially
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def _compiled_extension():
