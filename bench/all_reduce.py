@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 import tempfile
 from typing import Callable, Dict, List
 
@@ -36,8 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (RESULTS_DIR, Row, Timing, markdown_table, measure, plot_lines, timing_from_samples,  # noqa: E402
+from common import (RESULTS_DIR, Row, Timing, markdown_table, measure, plot_lines, timing_from_samples,
                           write_rows)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import List
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.all_reduce import DTYPES, launch, parse_dtypes, time_collective  # noqa: E402
-from bench.common import RESULTS_DIR, Row, markdown_table, plot_lines, write_rows  # noqa: E402
+from all_reduce import DTYPES, launch, parse_dtypes, time_collective
+from common import RESULTS_DIR, Row, markdown_table, plot_lines, write_rows
 
 EPS = 1e-6
 

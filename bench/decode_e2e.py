@@ -48,10 +48,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import decode_peers, decode_roofline  # noqa: E402
-from bench.common import RESULTS_DIR, Row, plot_lines, timing_from_samples, write_rows  # noqa: E402
-from bench.decode_timeline import CATEGORIES, StepTimeline, split_waits  # noqa: E402
+import decode_peers
+import decode_roofline
+from common import RESULTS_DIR, Row, plot_lines, timing_from_samples, write_rows
+from decode_timeline import CATEGORIES, StepTimeline, split_waits
 
 BENCH = "decode_e2e"
 PRESET = "llama-156m"

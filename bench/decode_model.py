@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import List
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import RESULTS_DIR, Row, environment, plot_lines, write_rows  # noqa: E402
-from tp_kernels.perf import decode_model as pd  # noqa: E402
-from tp_kernels.perf.cost_model import HARDWARE  # noqa: E402
+from common import RESULTS_DIR, Row, environment, plot_lines, write_rows
+from tp_kernels.perf import decode_model as pd
+from tp_kernels.perf.cost_model import HARDWARE
 
 BENCH = "decode_model"
 MODELS = {"llama-2-7b": pd.LLAMA2_7B, "llama-2-70b": pd.LLAMA2_70B}

@@ -14,7 +14,6 @@ import argparse
 import datetime
 import os
 import statistics
-import sys
 import tempfile
 import time
 from typing import Callable, Dict, List
@@ -23,9 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import Row, Timing, _quantile, markdown_table, write_rows  # noqa: E402
+from common import Row, Timing, _quantile, markdown_table, write_rows
 
 BENCH = "gemm_allreduce"
 WORLD_SIZE = 2

@@ -10,16 +10,13 @@ N=12288 on 8 H800s, 1.408 ms sequential -> 0.932 ms overlapped, whose ceiling is
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import RESULTS_DIR, Row, markdown_table, plot_lines, write_rows  # noqa: E402
-from tp_kernels.comm import ipc_plan  # noqa: E402
-from tp_kernels.perf import cost_model  # noqa: E402
-from tp_kernels.perf.cost_model import HARDWARE  # noqa: E402
+from common import RESULTS_DIR, Row, markdown_table, plot_lines, write_rows
+from tp_kernels.comm import ipc_plan
+from tp_kernels.perf import cost_model
+from tp_kernels.perf.cost_model import HARDWARE
 
 BENCH = "gemm_overlap_model"
 WORLD_SIZE = 8

@@ -32,10 +32,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 # gpu-check runs from the checkout it builds in place (no install on the GPU machine), so the tree's
-# tp_kernels and bench/ are what it imports, here and in every step (PYTHONPATH, step_env).
-sys.path.insert(0, REPO_ROOT)
-
-from bench.gpu_check_report import StepResult, parse_pytest_output, summary_lines, write_results  # noqa: E402
+# tp_kernels is what every step imports (PYTHONPATH, step_env); bench/ is first on sys.path as for every
+# bench script run as `python bench/x.py`.
+from gpu_check_report import StepResult, parse_pytest_output, summary_lines, write_results
 
 DEFAULT_RESULTS_DIR = os.path.join(BENCH_DIR, "results", "gpu")
 BENCH_RESULTS_ENV = "TP_KERNELS_BENCH_RESULTS_DIR"  # bench/common.py writes its rows there when set

@@ -142,7 +142,7 @@ def summary_lines(results: Sequence[StepResult], facts: Dict[str, str], results_
         hidden = max(0, len(r.skip_reasons) - MAX_LISTED) + max(0, len(r.failures) - MAX_LISTED)
         if hidden:
             lines.append(f"  {r.name}: {hidden} more in {r.log}")
-    from bench.common import read_rows  # imports torch: not needed by --dry-run
+    from common import read_rows  # imports torch: not needed by --dry-run
 
     rows = [row for path in bench_csvs(results_dir) for row in read_rows(path)]
     devices = sorted({str(r.get("device")) for r in rows if r.get("kind") == "measured"})
@@ -159,8 +159,8 @@ def _join(*parts: str) -> str:
 def write_results(results: Sequence[StepResult], summary: Sequence[str], results_dir: str) -> None:
     """gpu_check.csv, gpu_check.png and SUMMARY.md (the summary, every skip reason and failure, and each
     benchmark's table) in results_dir."""
-    from bench.common import read_rows
-    from bench.run_all import summary_table
+    from common import read_rows
+    from run_all import summary_table
 
     os.makedirs(results_dir, exist_ok=True)
     with open(os.path.join(results_dir, STEPS_CSV), "w", newline="") as f:

@@ -27,10 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import RESULTS_DIR, Row, markdown_table, plot_lines, timing_from_samples, write_rows  # noqa: E402
-from bench.gpu_ranks import parse_args, run_ranks  # noqa: E402
+from common import RESULTS_DIR, Row, markdown_table, plot_lines, timing_from_samples, write_rows
+from gpu_ranks import parse_args, run_ranks
 
 BENCH = "gpu_collectives"
 WORLD_SIZE = 2

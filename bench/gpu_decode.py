@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import sys
 from typing import List
 
@@ -21,10 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import RESULTS_DIR, Row, markdown_table, measure_cuda, timing_from_samples, write_rows  # noqa: E402
-from bench.gpu_ranks import parse_args, run_ranks  # noqa: E402
+from common import RESULTS_DIR, Row, markdown_table, measure_cuda, timing_from_samples, write_rows
+from gpu_ranks import parse_args, run_ranks
 
 BENCH = "gpu_decode"
 PRESET = "llama-3-8b"  # 8.0 G parameters, 16 GB in bf16: one decode step streams them all

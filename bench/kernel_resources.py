@@ -9,12 +9,10 @@ import argparse
 import csv
 import dataclasses
 import os
-import sys
 
 os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels, not the interpreter's Python functions
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS_DIR  # noqa: E402
+from common import RESULTS_DIR  # noqa: E402
 from tp_kernels.kernels import resources  # noqa: E402
 
 COLUMNS = ["kernel", "config", "arch", "registers", "spills", "shared_bytes", "vector_stores", "scalar_stores"]

@@ -20,19 +20,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import Row, environment, markdown_table, measure_cuda, write_rows  # noqa: E402
-from tp_kernels import reference  # noqa: E402
-from tp_kernels.perf import cost_model  # noqa: E402
-from tp_kernels.kernels import configs  # noqa: E402
-from tp_kernels.perf.cost_model import HARDWARE  # noqa: E402
+from common import Row, environment, markdown_table, measure_cuda, write_rows
+from tp_kernels import reference
+from tp_kernels.perf import cost_model
+from tp_kernels.kernels import configs
+from tp_kernels.perf.cost_model import HARDWARE
 
 BENCH = "qkv_rope"
 DTYPE = torch.bfloat16

@@ -23,8 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import RESULTS_DIR, markdown_table, read_rows  # noqa: E402
+from common import RESULTS_DIR, markdown_table, read_rows
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 

@@ -14,17 +14,14 @@ Writes bench/results/shm_store_kinds.{csv,json}.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.all_reduce import agreed_repeats, launch, parse_size, size_label  # noqa: E402
-from bench.common import Row, markdown_table, timing_from_samples, write_rows  # noqa: E402
+from all_reduce import agreed_repeats, launch, parse_size, size_label
+from common import Row, markdown_table, timing_from_samples, write_rows
 
 KINDS = ("ordinary", "non-temporal", "auto")
 DEFAULT_SIZES = "256K,1M,4M,16M"

@@ -13,12 +13,16 @@ from tp_kernels.perf import decode_model as pd
 from tp_kernels.perf.cost_model import HARDWARE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The bench scripts put the repo root first on sys.path when imported (so they run from a checkout);
-# restore it afterwards, or processes spawned later by other tests would import the source tree's
-# tp_kernels instead of the one under test (the installed copy in the CPU-only-torch run).
+BENCH_DIR = os.path.join(REPO_ROOT, "bench")
+# The bench scripts import each other as top-level modules (`from common import ...`): run as
+# `python bench/x.py`, bench/ is first on sys.path and tp_kernels is the installed package. Import them the
+# same way here, and take bench/ off sys.path again so nothing imported later resolves there.
 _saved_path = list(sys.path)
-sys.path.append(REPO_ROOT)
-from bench import common, decode_e2e, decode_model, run_all  # noqa: E402
+sys.path.insert(0, BENCH_DIR)
+import common  # noqa: E402
+import decode_e2e  # noqa: E402
+import decode_model  # noqa: E402
+import run_all  # noqa: E402
 
 sys.path[:] = _saved_path
 
@@ -220,7 +224,7 @@ def test_decode_e2e_rows_run_what_they_name(tmp_path):
 
 
 def test_split_waits_separates_waiting_from_the_collective():
-    from bench.decode_timeline import split_waits
+    split_waits = decode_e2e.split_waits
 
     # one step, two calls: rank 1 arrives 3 s late at the first, rank 0 1 s late at the second
     rank0 = [[(0.0, 5.0), (11.0, 12.0)]]

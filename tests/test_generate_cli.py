@@ -16,8 +16,9 @@ def _env_importing_this_tp_kernels() -> dict:
 
 
 def test_cli_generates_at_tp2():
-    cmd = [sys.executable, "-m", "tp_kernels.generate", "--model", "tiny", "--tp", "2", "--prompt", "hello",
-           "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
+    cmd = [sys.executable, "-m", "tp_kernels.generate", "--model", "tiny", "--tp", "2", "--device", "cpu",
+           "--prompt", "hello", "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9",
+           "--seed", "3"]
     proc = subprocess.run(cmd, env=_env_importing_this_tp_kernels(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "prefill: 5 tokens" in proc.stdout
@@ -75,3 +76,55 @@ def test_readme_preset_commands_run_as_printed(argv):
 
 def test_readme_prints_the_compile_command():
     assert any("--compile" in argv for argv in _readme_preset_commands())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --device: every cuda path's error, checked with a given GPU count (no GPU needed)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec, world_size, local_rank, gpus, expected", [
+    ("cpu", 4, None, 0, "cpu"),
+    (None, 2, None, 8, "cpu"),  # without torchrun the default stays on the CPU
+    ("cuda", 1, None, 1, "cuda"),
+    ("cuda", 4, None, 4, "cuda"),
+    ("cuda:3", 1, None, 4, "cuda:3"),
+    ("cuda", 2, 1, 2, "cuda"),  # under torchrun: LOCAL_RANK 1 of 2 GPUs
+])
+def test_device_accepted(spec, world_size, local_rank, gpus, expected):
+    from tp_kernels.generate import check_device
+
+    assert check_device(spec, world_size, local_rank, gpu_count=gpus) == expected
+
+
+@pytest.mark.parametrize("spec, world_size, local_rank, gpus, message", [
+    ("gpu", 1, None, 1, "--device must be cpu, cuda or cuda:I (a GPU index), got 'gpu'"),
+    ("cuda:", 1, None, 1, "--device must be cpu, cuda or cuda:I"),
+    ("cuda:x", 1, None, 1, "--device must be cpu, cuda or cuda:I"),
+    ("cuda", 1, None, 0, "--device cuda: CUDA is not available: "),
+    ("cuda:0", 1, None, 0, "--device cuda:0: CUDA is not available: "),
+    ("cuda:2", 1, None, 2, "--device cuda:2 is out of range: 2 GPU(s) visible (cuda:0 to cuda:1)"),
+    ("cuda:0", 2, None, 2, "--device cuda:0 places one rank, but there are 2: use --device cuda"),
+    ("cuda", 4, None, 2, "--device cuda with --tp 4 needs 4 GPUs (one per rank), 2 visible"),
+    ("cuda", 4, 3, 2, "--device cuda: torchrun's LOCAL_RANK 3 has no GPU, 2 visible"),
+])
+def test_device_rejected_saying_why(spec, world_size, local_rank, gpus, message):
+    from tp_kernels.generate import check_device
+
+    with pytest.raises(ValueError) as info:
+        check_device(spec, world_size, local_rank, gpu_count=gpus)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_cli_device_cuda_without_a_gpu_is_a_usage_error(capsys):
+    """On a machine without CUDA the real check runs: the CLI stops before loading anything."""
+    import torch
+
+    from tp_kernels.generate import parse_args
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is valid here")
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--model", "tiny", "--prompt", "x", "--device", "cuda", "--tp", "2"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    reason = "was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+    assert "error: --device cuda: CUDA is not available: " in err and reason in err, err

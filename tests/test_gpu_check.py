@@ -14,11 +14,13 @@ import tp_kernels  # noqa: F401  (first: the package under test, before the repo
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _saved_path = list(sys.path)
-sys.path.append(REPO_ROOT)
-from bench import gpu_check, gpu_collectives, gpu_decode  # noqa: E402
-from bench.common import Row  # noqa: E402
-from bench.gpu_check import Step  # noqa: E402
-from bench.gpu_check_report import headline_lines, parse_pytest_output, summary_lines, write_results  # noqa: E402
+sys.path.append(os.path.join(REPO_ROOT, "bench"))  # the bench scripts import each other as top-level modules
+import gpu_check  # noqa: E402
+import gpu_collectives  # noqa: E402
+import gpu_decode  # noqa: E402
+from common import Row  # noqa: E402
+from gpu_check import Step  # noqa: E402
+from gpu_check_report import headline_lines, parse_pytest_output, summary_lines, write_results  # noqa: E402
 
 sys.path[:] = _saved_path  # see tests/test_bench_harness.py: spawned ranks must import the package under test
 

@@ -1,6 +1,7 @@
-"""Running a function on N local CPU ranks (gloo) when no launcher such as torchrun did it for us: the
-generate CLI and the demo use it. Each rank initializes torch.distributed through a file:// rendezvous in
-a private temporary directory, runs fn(tp, *args) and sends back its result or its traceback."""
+"""Running a function on N local ranks when no launcher such as torchrun did it for us: the generate CLI and
+the demo use it. CPU ranks talk over gloo; CUDA ranks take one GPU each (rank r on cuda:r) and talk over
+NCCL, with gloo beside it for CPU tensors. Each rank initializes torch.distributed through a file://
+rendezvous in a private temporary directory, runs fn(tp, *args) and sends back its result or its traceback."""
 from __future__ import annotations
 
 import os
@@ -20,13 +21,16 @@ POLL_S = 0.5  # how often the parent checks for crashed rank processes
 FAILURE_GRACE_S = 30.0  # after one rank failed, how long the others get to report
 
 
-def _rank_main(rank: int, world_size: int, init_file: str, threads_per_rank: int, fn: Callable, args: tuple,
-               results) -> None:
+BACKENDS = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl"}  # TPGroup.init puts a nccl rank on GPU rank % count
+
+
+def _rank_main(rank: int, world_size: int, init_file: str, threads_per_rank: int, backend: str, fn: Callable,
+               args: tuple, results) -> None:
     torch.set_num_threads(threads_per_rank)
     from tp_kernels.distributed import TPGroup
 
     try:
-        tp = TPGroup.init(rank=rank, world_size=world_size, backend="gloo", init_method=f"file://{init_file}")
+        tp = TPGroup.init(rank=rank, world_size=world_size, backend=backend, init_method=f"file://{init_file}")
         try:
             results.put((rank, True, fn(tp, *args)))
         finally:
@@ -37,18 +41,31 @@ def _rank_main(rank: int, world_size: int, init_file: str, threads_per_rank: int
 
 
 def run_on_cpu_ranks(world_size: int, fn: Callable, *args, timeout_s: float = DEFAULT_TIMEOUT_S) -> List[Any]:
-    """fn(tp, *args) on world_size new CPU processes; returns the results in rank order. fn must be a
-    module-level function (it is pickled). Raises RuntimeError with the tracebacks of failed ranks, or
-    TimeoutError naming the ranks that did not answer within timeout_s."""
+    """fn(tp, *args) on world_size new CPU processes (gloo); see run_on_ranks."""
+    return run_on_ranks(world_size, fn, *args, device_type="cpu", timeout_s=timeout_s)
+
+
+def run_on_ranks(world_size: int, fn: Callable, *args, device_type: str = "cpu",
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> List[Any]:
+    """fn(tp, *args) on world_size new processes; returns the results in rank order. device_type "cuda" puts
+    rank r on cuda:r (so it needs world_size visible GPUs). fn must be a module-level function (it is
+    pickled). Raises RuntimeError with the tracebacks of failed ranks, or TimeoutError naming the ranks that
+    did not answer within timeout_s."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if device_type not in BACKENDS:
+        raise ValueError(f"device_type must be one of {sorted(BACKENDS)}, got {device_type!r}")
+    if device_type == "cuda" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"{world_size} CUDA ranks need {world_size} GPUs (one each), "
+                         f"{torch.cuda.device_count()} visible")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     tmp = tempfile.mkdtemp(prefix="tp_kernels-launch-")
     # ranks share the cores: more threads than cores per rank only adds contention
     threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
     procs = [ctx.Process(target=_rank_main, daemon=True,
-                         args=(rank, world_size, os.path.join(tmp, "rendezvous"), threads_per_rank, fn, args, results))
+                         args=(rank, world_size, os.path.join(tmp, "rendezvous"), threads_per_rank,
+                               BACKENDS[device_type], fn, args, results))
              for rank in range(world_size)]
     try:
         for p in procs:
