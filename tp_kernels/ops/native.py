@@ -1,10 +1,10 @@
-"""Torch-native implementations of the ops, registered for the CPU dispatch key.
+"""Torch-native implementations of the ops, device-generic.
 
-The math is tp_kernels.reference's; the communication is the TPGroup's backend chain. The same code is
-device-generic, so it is also registered for CUDA for the ops whose fused GPU kernels are not in yet
-(add_rmsnorm has its own CPU and CUDA kernels in csrc/; the overlapped GEMM + collective ops are in
-tp_kernels.ops.overlap_cpu and overlap_cuda). When a fused CUDA kernel lands, its registration
-replaces the "cuda" entry here.
+The math is tp_kernels.reference's; the communication is the TPGroup's backend chain. Registered for CPU
+and for CUDA where no faster kernel exists: add_rmsnorm and qkv_rope / qkv_rope_kv_cache have C++ CPU
+kernels (csrc/cpu/) and GPU kernels (CUDA, Triton), whose float64 CUDA calls come back to _qkv_rope
+and _qkv_rope_kv_cache here; the overlapped GEMM + collective ops are in tp_kernels.ops.overlap_cpu and
+overlap_cuda. When a fused CUDA kernel lands, its registration replaces the "cuda" entry here.
 """
 import torch
 
@@ -51,11 +51,10 @@ def _allreduce_residual_rmsnorm(x, residual, weight, eps, group):
     return resolve(group).allreduce_residual_rmsnorm(x.contiguous(), residual, weight, eps)
 
 
-# register_kernel used as a decorator returns None, so register after definition (the kv-cache variant
-# calls _qkv_rope directly).
-# qkv_rope's CUDA implementation is the Triton kernel (tp_kernels.ops.triton_impls)
-torch.library.register_kernel("tp_kernels::qkv_rope", "cpu", _qkv_rope)
-torch.library.register_kernel("tp_kernels::qkv_rope_kv_cache", "cpu", _qkv_rope_kv_cache)
+# register_kernel used as a decorator returns None, so register after definition.
+# qkv_rope and qkv_rope_kv_cache are not registered here: on CPU they are C++ (csrc/cpu/qkv_rope.cpp,
+# ~2.5x less time per decode call than _qkv_rope_kv_cache above), on CUDA the Triton kernel
+# (tp_kernels.ops.triton_impls), which hands float64 calls to the two functions above.
 torch.library.register_kernel("tp_kernels::all_gather", CPU_AND_CUDA, _all_gather)
 # all_reduce, all_reduce_ and allreduce_residual_rmsnorm have C++ CPU kernels (csrc/cpu/shm_ops.cpp) that
 # serve groups whose chain picks the shm communicator without a trip through Python, and call these for
