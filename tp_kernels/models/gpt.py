@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -49,6 +49,19 @@ class KVCache:
         return self.k[0].shape[1]
 
 
+class AttentionWindow(NamedTuple):
+    """What the attention of every layer shares in one forward, made once per forward: the tokens' positions
+    and cache rows, flat (B * S,); the cache positions 0..kv_len-1 read; and the mask (B, 1, S, kv_len), None
+    when every token sees the whole window."""
+
+    batch: int
+    seq: int
+    positions: torch.Tensor
+    cache_rows: torch.Tensor
+    kv_len: int
+    mask: Optional[torch.Tensor]
+
+
 class Attention(nn.Module):
     """Causal self-attention over this rank's heads: fused QKV projection + RoPE + cache write, SDPA over
     the cache, and the output projection's row-parallel weight (reduced by the caller's chosen op)."""
@@ -65,26 +78,22 @@ class Attention(nn.Module):
         self.k_norm = nn.Parameter(torch.ones(args.head_dim, dtype=dtype, device=device)) if args.qk_norm else None
         self.norm_eps = args.norm_eps
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor,
-                cos_sin: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        """x (B, S, dim) -> attention output before o_proj, (B * S, n_heads_per_rank * head_dim)."""
-        batch, seq, _ = x.shape
+    def forward(self, x: torch.Tensor, window: "AttentionWindow", cos_sin: Optional[torch.Tensor],
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """x (B * S, dim) -> attention output before o_proj, (B * S, n_heads_per_rank * head_dim)."""
+        batch, seq = window.batch, window.seq
         n_heads_per_rank, head_dim = self.qkv.n_heads_per_rank, self.qkv.head_dim
-        kv_len = mask.shape[-1]
         if self.q_norm is not None:
-            q = self._qkv_normed_rope_kv_cache(x.reshape(batch * seq, -1), positions.reshape(-1),
-                                               cache_rows.reshape(-1), cos_sin, k_cache, v_cache)
+            q = self._qkv_normed_rope_kv_cache(x, window.positions, window.cache_rows, cos_sin, k_cache, v_cache)
         else:
-            q = ops.qkv_rope_kv_cache(x.reshape(batch * seq, -1), self.qkv.weight, self.qkv.bias, cos_sin,
-                                      positions.reshape(-1), cache_rows.reshape(-1), k_cache, v_cache,
-                                      n_heads_per_rank=n_heads_per_rank,
+            q = ops.qkv_rope_kv_cache(x, self.qkv.weight, self.qkv.bias, cos_sin, window.positions, window.cache_rows,
+                                      k_cache, v_cache, n_heads_per_rank=n_heads_per_rank,
                                       n_kv_heads_per_rank=self.qkv.n_kv_heads_per_rank, head_dim=head_dim,
                                       rope_style=self.rope_style)  # (B * S, n_heads_per_rank, head_dim)
         q = q.view(batch, seq, n_heads_per_rank, head_dim).transpose(1, 2)  # (B, n_heads_per_rank, S, head_dim)
-        k = k_cache[:batch, :kv_len].transpose(1, 2)  # (B, n_kv_heads_per_rank, kv_len, head_dim)
-        v = v_cache[:batch, :kv_len].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, n_heads_per_rank, S, hd)
+        k = k_cache[:batch, :window.kv_len].transpose(1, 2)  # (B, n_kv_heads_per_rank, kv_len, head_dim)
+        v = v_cache[:batch, :window.kv_len].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=window.mask, enable_gqa=True)  # (B, n_heads_pr, S, hd)
         return o.transpose(1, 2).reshape(batch * seq, n_heads_per_rank * head_dim)
 
     def _qkv_normed_rope_kv_cache(self, x, positions, cache_rows, cos_sin, k_cache, v_cache) -> torch.Tensor:
@@ -134,13 +143,15 @@ class LlamaBlock(nn.Module):
                                                   dtype=dtype, device=device)
         self.down = RowParallelLinear(args.intermediate_size, args.dim, args.mlp_bias, tp, dtype=dtype, device=device)
 
-    def forward(self, normed, residual, next_norm, positions, cache_rows, cos_sin, k_cache, v_cache, mask):
+    def forward(self, normed, residual, next_norm, window, cos_sin, k_cache, v_cache):
         """normed, residual (B * S, dim) -> next_norm(residual after this block), that residual."""
-        batch, seq = positions.shape
-        o = self.attn(normed.view(batch, seq, -1), positions, cache_rows, cos_sin, k_cache, v_cache, mask)
+        o = self.attn(normed, window, cos_sin, k_cache, v_cache)
         normed, residual = _reduce_add_rmsnorm(_row_parallel_partial(self.attn.o_proj, o), residual,
                                                self.post_attn_norm, self.eps, self.tp)
-        gate, up = self.gate_up.split(self.gate_up(normed))  # (B * S, intermediate_size_per_rank) each
+        # the merged projection's weight, without the module call and its input check (~4 us a layer): normed
+        # comes from the norm above, (B * S, dim) by construction
+        gate, up = F.linear(normed, self.gate_up.weight, self.gate_up.bias).split_with_sizes(
+            self.gate_up.part_out_features_per_rank, dim=-1)  # (B * S, intermediate_size_per_rank) each
         return _reduce_add_rmsnorm(_row_parallel_partial(self.down, F.silu(gate) * up), residual, next_norm,
                                    self.eps, self.tp)
 
@@ -160,11 +171,10 @@ class GPT2Block(nn.Module):
         self.fc = ColumnParallelLinear(args.dim, args.intermediate_size, True, tp, dtype=dtype, device=device)
         self.proj = RowParallelLinear(args.intermediate_size, args.dim, True, tp, dtype=dtype, device=device)
 
-    def forward(self, h, positions, cache_rows, cos_sin, k_cache, v_cache, mask):
+    def forward(self, h, window, cos_sin, k_cache, v_cache):
         """h (B * S, dim) -> h after this block."""
-        batch, seq = positions.shape
-        x = layer_norm(h, self.ln_1, self.eps).view(batch, seq, -1)  # (B, S, dim)
-        h = h + self.attn.o_proj(self.attn(x, positions, cache_rows, cos_sin, k_cache, v_cache, mask))
+        x = layer_norm(h, self.ln_1, self.eps)  # (B * S, dim)
+        h = h + self.attn.o_proj(self.attn(x, window, cos_sin, k_cache, v_cache))
         x = F.gelu(self.fc(layer_norm(h, self.ln_2, self.eps)), approximate=self.gelu_approximate)
         return h + self.proj(x)
 
@@ -312,40 +322,46 @@ class GPT(nn.Module):
             # in the cache write (an index out of range).
             if cache is None:
                 raise ValueError("a compiled forward needs a cache (model.new_cache): its size fixes the shapes")
-            kv_len = cache.max_seq
+            kv_len, whole_window = cache.max_seq, False
         else:
-            kv_len = self._check_positions(positions, batch, cache) + 1
+            lowest, highest = self._check_positions(positions, batch, cache)
+            kv_len = highest + 1
+            # one token per sequence, all at the newest position (batch-1 decode): each sees every key of the
+            # window, so no mask (it cost 2 ops per step and SDPA's masked path per layer)
+            whole_window = seq == 1 and lowest == highest
         if cache is None:
             cache = self.new_cache(batch, kv_len)
         # token (b, s) sees the keys of row b at positions <= positions[b, s]
-        mask = torch.arange(kv_len, device=positions.device) <= positions[:, None, :, None]  # (B, 1, S, kv_len)
+        mask = None if whole_window else \
+            torch.arange(kv_len, device=positions.device) <= positions[:, None, :, None]  # (B, 1, S, kv_len)
         cache_rows = torch.arange(batch, device=input_ids.device)[:, None].expand(batch, seq)  # (B, S)
+        window = AttentionWindow(batch, seq, positions.reshape(-1), cache_rows.reshape(-1), kv_len, mask)
 
         h = self.embed(input_ids).view(batch * seq, -1)  # (B * S, dim)
         if self.args.family == "gpt2":
-            h = h + self.pos_embed[positions.reshape(-1)]
+            h = h + self.pos_embed[window.positions]
             for i, block in enumerate(self.blocks):
-                h = block(h, positions, cache_rows, None, cache.k[i], cache.v[i], mask)
+                h = block(h, window, None, cache.k[i], cache.v[i])
             h = layer_norm(h, self.final_norm, self.args.norm_eps)
         else:
             # residual starts as the embedding: add_rmsnorm with a zero residual is the first RMSNorm alone
             h, residual = ops.add_rmsnorm(h, torch.zeros_like(h), self.blocks[0].input_norm, self.args.norm_eps)
             for i, block in enumerate(self.blocks):
                 next_norm = self.blocks[i + 1].input_norm if i + 1 < len(self.blocks) else self.final_norm
-                h, residual = block(h, residual, next_norm, positions, cache_rows, self.cos_sin, cache.k[i],
-                                    cache.v[i], mask)
+                h, residual = block(h, residual, next_norm, window, self.cos_sin, cache.k[i], cache.v[i])
         h = h.view(batch, seq, -1)  # (B, S, dim)
         if logits_at is None:
             return h
         return h[torch.arange(batch, device=h.device), logits_at]  # (B, dim)
 
-    def _check_positions(self, positions: torch.Tensor, batch: int, cache: Optional[KVCache]) -> int:
-        """The largest position, after checking that every position fits max_seq_len and the cache."""
-        max_position = int(positions.max())  # one host sync per step: it sizes the attended cache window
-        if int(positions.min()) < 0 or max_position >= self.args.max_seq_len:
+    def _check_positions(self, positions: torch.Tensor, batch: int, cache: Optional[KVCache]) -> Tuple[int, int]:
+        """The smallest and the largest position, after checking that every position fits max_seq_len and the
+        cache. One host sync per forward: the largest sizes the attended cache window."""
+        lowest, highest = (int(t) for t in torch.aminmax(positions))
+        if lowest < 0 or highest >= self.args.max_seq_len:
             raise ValueError(f"positions must be in [0, max_seq_len={self.args.max_seq_len}), got "
-                             f"[{int(positions.min())}, {max_position}]")
-        if cache is not None and (cache.batch < batch or cache.max_seq <= max_position):
+                             f"[{lowest}, {highest}]")
+        if cache is not None and (cache.batch < batch or cache.max_seq <= highest):
             raise ValueError(f"cache (batch {cache.batch}, max_seq {cache.max_seq}) is too small for batch {batch} "
-                             f"at position {max_position}")
-        return max_position
+                             f"at position {highest}")
+        return lowest, highest
