@@ -101,6 +101,39 @@ def test_row_parallel(world_size, dtype, bias):
             assert_close(y, expected, dtype, reduction_len=in_features, msg=f"input_is_parallel={input_is_parallel}")
 
 
+def _row_decode_rank(tp, lin, x):
+    """A decode-sized call (one row) under no_grad and with grad on: the output of each, and how many
+    gemm_allreduce calls each made (no_grad: none, the layer reduces its partial sum in place)."""
+    from tp_kernels.layers import linear
+
+    layer = layers.RowParallelLinear.from_linear(lin, tp)
+    x = x.chunk(tp.world_size, dim=-1)[tp.rank]
+    calls = []
+    original = linear.ops.gemm_allreduce
+    linear.ops.gemm_allreduce = lambda *args: calls.append(1) or original(*args)
+    try:
+        with torch.no_grad():
+            y_no_grad = layer(x)
+        no_grad_calls = len(calls)
+        y_grad = layer(x)
+        y_grad.sum().backward()
+    finally:
+        linear.ops.gemm_allreduce = original
+    return y_no_grad, no_grad_calls, y_grad.detach(), len(calls) - no_grad_calls, layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+def test_row_parallel_decode_reduces_in_place_with_the_same_bits(world_size, shape):
+    lin = _linear(8 * world_size, 7, True, torch.float32)
+    x = torch.randn(*shape, 8 * world_size)
+    expected = _ref_linear(lin, x)
+    for y_no_grad, no_grad_calls, y_grad, grad_calls, has_grad in spawn_ranks(world_size, _row_decode_rank, lin, x):
+        assert (no_grad_calls, grad_calls, has_grad) == (0, 1, True)
+        assert_close(y_no_grad, expected, torch.float32, reduction_len=8 * world_size)
+        assert torch.equal(y_no_grad, y_grad)
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_merged_column_parallel(world_size):
     gate, up = _linear(16, 20 * world_size, True, torch.float32), _linear(16, 12 * world_size, True, torch.float32)
