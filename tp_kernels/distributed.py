@@ -19,7 +19,8 @@ not come (tp_kernels.comm.rendezvous).
 Threads: the ranks pair collectives by the order they are issued in, so two threads issuing collectives
 of one group would pair them differently on different ranks. A multi-rank group therefore serves one
 thread, the one that made it (or called `bind_to_current_thread`), plus the group's own communication
-thread (tp_kernels.comm.thread); a collective from any other thread raises before it communicates.
+thread (tp_kernels.comm.thread) and the autograd engine's threads while they run a backward pass; a
+collective from any other thread raises before it communicates.
 """
 from __future__ import annotations
 
@@ -183,7 +184,9 @@ class TPGroup:
         if self.world_size == 1:
             return  # nothing is paired across ranks: any thread may use a one-rank group
         me = threading.get_ident()
-        if me != self._owner_thread and me != self._helper_thread:
+        # the autograd engine runs the backward of CUDA ops on its own device threads while the thread that
+        # called .backward() waits for them: their collectives are that thread's
+        if me != self._owner_thread and me != self._helper_thread and torch._C._current_graph_task_id() == -1:
             raise RuntimeError(
                 f"TPGroup {self.name!r} (rank {self.rank}): {what} called from thread {threading.current_thread().name!r} "
                 f"({me}), but the group belongs to thread {self._owner_thread}. The ranks pair collectives by the "

@@ -22,12 +22,14 @@ communicator can take `Segment.fd` and map it itself):
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hmac
 import mmap
 import os
 import secrets
 import stat
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -58,15 +60,16 @@ class Invitation:
 
 class Segment:
     """One mapping of a shared segment: `size` payload bytes at `address` in this process, `payload` a
-    uint8 tensor over them. `fd` is the open descriptor, or -1 once closed (see share's keep_fd)."""
+    uint8 tensor over them. `fd` is the open descriptor, or -1 once closed (see share's keep_fd). The
+    memory is unmapped when the segment is closed and the last view of `payload` is gone."""
 
-    def __init__(self, fd: int, size: int, mapping: mmap.mmap):
+    def __init__(self, fd: int, size: int, address: int):
         self.fd = fd
         self.size = size
-        self._mapping = mapping
-        whole = torch.frombuffer(mapping, dtype=torch.uint8)  # (HEADER_BYTES + size,)
-        self.payload = whole[HEADER_BYTES:]  # (size,)
-        self.address = self.payload.data_ptr()
+        whole = (ctypes.c_uint8 * (HEADER_BYTES + size)).from_address(address)
+        weakref.finalize(whole, _munmap, address, HEADER_BYTES + size)  # after every view is gone
+        self.payload: Optional[torch.Tensor] = torch.frombuffer(whole, dtype=torch.uint8)[HEADER_BYTES:]  # (size,)
+        self.address = address + HEADER_BYTES
 
     def close_fd(self) -> None:
         """Close the descriptor; the mapping stays valid. Idempotent."""
@@ -75,19 +78,40 @@ class Segment:
             self.fd = -1
 
     def close(self) -> None:
-        """Unmap and close. Views of `payload` must be gone first (mmap refuses to close under them)."""
+        """Close the descriptor and drop this segment's view; the memory is unmapped once no other view
+        of `payload` is alive. Idempotent."""
         self.close_fd()
-        if self._mapping is not None:
-            self.payload = None
-            mapping, self._mapping = self._mapping, None
-            try:
-                mapping.close()
-            except BufferError:  # a view is still alive: its owner keeps the memory; freed with it
-                pass
+        self.payload = None
 
     @property
     def closed(self) -> bool:
-        return self._mapping is None
+        return self.payload is None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _mmap(fd: int, length: int) -> int:
+    """mmap(fd) shared read-write; the address. libc's mmap rather than Python's, which keeps a
+    duplicate of the descriptor open for as long as the mapping lives (through which any process of this
+    user could open the segment again)."""
+    address = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if address is None or address == _MAP_FAILED:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mmap of {length} bytes failed: {os.strerror(errno)}")
+    return address
+
+
+def _munmap(address: int, length: int) -> None:
+    _libc.munmap(address, length)
+
+
+def _header(address: int) -> memoryview:
+    return memoryview((ctypes.c_char * HEADER_BYTES).from_address(address)).cast("B")
 
 
 def _check_size(size: int) -> None:
@@ -103,15 +127,16 @@ def create(size: int, label: str) -> Tuple[Segment, Invitation]:
         os.fchmod(fd, 0o600)
         os.ftruncate(fd, HEADER_BYTES + size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-        mapping = mmap.mmap(fd, HEADER_BYTES + size)
+        address = _mmap(fd, HEADER_BYTES + size)
     except OSError as e:
         os.close(fd)
         raise SegmentError(f"creating a {size}-byte shared segment for {label!r} failed: {e}") from e
     secret = secrets.token_bytes(SECRET_BYTES)
-    mapping[:len(MAGIC)] = MAGIC
-    mapping[8:16] = size.to_bytes(8, "little")
-    mapping[16:16 + SECRET_BYTES] = secret
-    return Segment(fd, size, mapping), Invitation(os.getpid(), fd, size, secret)
+    header = _header(address)
+    header[:len(MAGIC)] = MAGIC
+    header[8:16] = size.to_bytes(8, "little")
+    header[16:16 + SECRET_BYTES] = secret
+    return Segment(fd, size, address), Invitation(os.getpid(), fd, size, secret)
 
 
 def _validate(fd: int, path: str, size: int) -> None:
@@ -143,18 +168,19 @@ def open_invitation(invitation: Invitation) -> Segment:
                            "the same user, in one pid namespace)") from e
     try:
         _validate(fd, path, invitation.size)
-        mapping = mmap.mmap(fd, HEADER_BYTES + invitation.size)
+        address = _mmap(fd, HEADER_BYTES + invitation.size)
     except BaseException:
         os.close(fd)
         raise
-    header_ok = (mapping[:len(MAGIC)] == MAGIC
-                 and int.from_bytes(mapping[8:16], "little") == invitation.size
-                 and hmac.compare_digest(bytes(mapping[16:16 + SECRET_BYTES]), invitation.secret))
+    header = _header(address)
+    header_ok = (bytes(header[:len(MAGIC)]) == MAGIC
+                 and int.from_bytes(header[8:16], "little") == invitation.size
+                 and hmac.compare_digest(bytes(header[16:16 + SECRET_BYTES]), invitation.secret))
     if not header_ok:
-        mapping.close()
+        _munmap(address, HEADER_BYTES + invitation.size)
         os.close(fd)
         raise SegmentError(f"{path} does not carry the header and secret its creator sent: refused")
-    return Segment(fd, invitation.size, mapping)
+    return Segment(fd, invitation.size, address)
 
 
 def gather_failures(process_group: dist.ProcessGroup, error: Optional[str]) -> Dict[int, str]:

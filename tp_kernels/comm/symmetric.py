@@ -96,7 +96,7 @@ class SymmetricBuffer:
         self.failure: Optional[str] = None
         self._keepalive = keepalive  # what backs the mappings (segment, local and peer tensors)
         self._on_close = on_close
-        self._watchdog: Optional[threading.Timer] = None
+        self._watchdog: Optional[_Watchdog] = None
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -107,7 +107,7 @@ class SymmetricBuffer:
         Collective over tp's process group (which must have a gloo backend: handles and segment
         invitations are Python objects). Raises SegmentError / SymmetricBufferError on every rank when
         any rank fails. register=True makes it the buffer `buffer_of(tp.name)` returns."""
-        from tp_kernels.comm.shm import comm_timeout_s
+        from tp_kernels.comm.base import comm_timeout_s
 
         device = torch.device("cpu") if device is None else torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -128,6 +128,7 @@ class SymmetricBuffer:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         per_rank = buffer_bytes(data_bytes, n_signals)
+        _check_agreement(tp, (kind, data_bytes, n_signals))
         if kind == "cpu":
             pointers, keepalive = _map_cpu(tp, per_rank)
         else:
@@ -161,20 +162,15 @@ class SymmetricBuffer:
         self.calls += 1
         if self.device.type == "cpu":
             self.status[STATUS_ABORT] = 0
-            self._watchdog = threading.Timer(self.timeout_s, self._abort)
-            self._watchdog.daemon = True
-            self._watchdog.start()
+            self._watchdog = _Watchdog(self.status, self.timeout_s)
 
     def end_call(self, op: str) -> None:
         """After a launch: on CPU (synchronous) disarm the watchdog and raise if a wait gave up."""
         if self._watchdog is not None:
-            self._watchdog.cancel()
+            self._watchdog.stop()
             self._watchdog = None
         if self.device.type == "cpu":
             self._raise_if_failed(op)
-
-    def _abort(self) -> None:
-        self.status[STATUS_ABORT] = 1  # read by the interpreted waits (matches the abort test in wait_signal)
 
     def _raise_if_failed(self, op: str) -> None:
         if self.failure is None:
@@ -217,10 +213,47 @@ class SymmetricBuffer:
             del _BUFFERS[self.tp_name]
 
 
+class _Watchdog:
+    """The interpreter's clock for the waits of one call: raises status[STATUS_ABORT] by one per
+    timeout_s elapsed (read by wait_signals, which gives up at its patience, 1 or 2), until stopped."""
+
+    LEVELS = 2  # the longest patience of a wait
+
+    def __init__(self, status: torch.Tensor, timeout_s: float):
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(status, timeout_s), daemon=True,
+                                        name="tp_kernels-symmetric-watchdog")
+        self._thread.start()
+
+    def _run(self, status: torch.Tensor, timeout_s: float) -> None:
+        for level in range(1, self.LEVELS + 1):
+            if self._stopped.wait(timeout_s):
+                return
+            status[STATUS_ABORT] = level
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
 def buffer_of(tp_name: str) -> Optional[SymmetricBuffer]:
     """The registered symmetric buffer of the group with this name, or None."""
     buf = _BUFFERS.get(tp_name)
     return None if buf is None or buf.closed else buf
+
+
+def _check_agreement(tp, layout: tuple) -> None:
+    """Every rank must ask for the same layout (device kind, data bytes, signals): a kernel computes a
+    peer's addresses from its own. Raises on every rank, naming the ranks that differ."""
+    if tp.world_size == 1:
+        return
+    layouts: List[Optional[tuple]] = [None] * tp.world_size
+    dist.all_gather_object(layouts, layout, group=tp.process_group)
+    differ = [r for r, other in enumerate(layouts) if other != layouts[0]]
+    if differ:
+        raise SymmetricBufferError(f"symmetric buffers of group {tp.name!r}: ranks asked for different layouts "
+                                   f"(device kind, data_bytes, n_signals): " +
+                                   ", ".join(f"rank {r}: {layouts[r]}" for r in [0, *differ]))
 
 
 def _barrier(tp) -> None:

@@ -6,12 +6,6 @@ group must plan with the same constants: calibration measures on every rank, ave
 the group, and a cached calibration is taken from rank 0 and sent to the others. Calibration is itself
 collective (every rank must reach it together), which the ops guarantee by calibrating at the first
 call with chunks=None, a call every rank makes.
-
-The cache is read by rank 0 alone and trusted only when it is a regular file of this user (no symlink,
-FIFO or device: opened with O_NOFOLLOW | O_NONBLOCK and read to at most CACHE_MAX_BYTES) holding every
-figure as a finite number in its range (no NaN, inf, zero, negative, boolean or huge value). Anything
-else is a warning and a fresh calibration, never an exception on rank 0 alone: whatever rank 0 decides
-reaches the other ranks in the same collective, so the ranks cannot diverge.
 """
 from __future__ import annotations
 
@@ -46,6 +40,11 @@ _SMALL_ELEMS, _LARGE_ELEMS = 256, 256 * 1024
 _REPEATS = 5
 _FIELDS = ("tflops_bf16", "tflops_fp32", "hbm_gbps", "link_gbps", "link_latency_us", "launch_overhead_us",
            "overlap_efficiency")
+# The cache is read by rank 0 alone and trusted only when it is a regular file of this user (no symlink,
+# FIFO or device: opened with O_NOFOLLOW | O_NONBLOCK, read to at most CACHE_MAX_BYTES) holding every figure
+# as a finite number in its range (no NaN, inf, zero, negative, boolean or huge value). Anything else is a
+# warning and a fresh calibration, never an exception on rank 0 alone: what rank 0 decides reaches the
+# other ranks in the same collective, so the ranks cannot diverge.
 # A cache file is ~300 bytes; anything much larger is not one (and /dev/zero would never end).
 CACHE_MAX_BYTES = 64 << 10
 # (lowest, highest) of each figure, lowest excluded except where marked: every rate and time is > 0 (the
