@@ -45,7 +45,23 @@ SIGINT_BOUND_S = 0.5
 
 
 def _dev_shm() -> set:
-    return set(glob.glob("/dev/shm/*"))
+    """Files of ours in /dev/shm (other processes of the host, multiprocessing's semaphores among them,
+    come and go there too): the communicator's segments are unnamed memfds, so there must be none."""
+    return set(glob.glob("/dev/shm/*tpk*") + glob.glob("/dev/shm/*tp_kernels*"))
+
+
+def _named_shm_of_this_process() -> set:
+    """Whatever this process has open or mapped from /dev/shm, but multiprocessing's semaphores: a named
+    segment of any name would show here, while a memfd shows as /memfd:..."""
+    paths = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # closed meanwhile (the listing's own descriptor)
+    with open("/proc/self/maps") as maps:
+        paths.update(line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6)
+    return {p for p in paths if p.startswith("/dev/shm/") and not p.startswith("/dev/shm/sem.")}
 
 
 def _private_comm(tp, timeout_s=SHORT_TIMEOUT_S, **kw) -> ShmCommunicator:
@@ -149,16 +165,16 @@ def _setup_windows_rank(tp):
 
     def create(size, label):
         made = real_create(size, label)
-        seen["created"] = _dev_shm()
+        seen["created"] = _dev_shm() | _named_shm_of_this_process()
         return made
 
-    seen["before"] = _dev_shm()
+    seen["before"] = _dev_shm() | _named_shm_of_this_process()
     segment.create = create
     try:
         comm = _private_comm(tp)
     finally:
         segment.create = real_create
-    seen["mapped"] = _dev_shm()
+    seen["mapped"] = _dev_shm() | _named_shm_of_this_process()
     y = comm.all_reduce(torch.ones(3))
     comm.close()
     return {k: sorted(v - seen["before"]) for k, v in seen.items()}, y.tolist()

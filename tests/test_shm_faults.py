@@ -28,8 +28,9 @@ SHORT_TIMEOUT_S = 1.5
 
 
 def _segments() -> set:
-    """Everything in /dev/shm: the communicator's segments are unnamed memfds, so nothing may appear there."""
-    return set(glob.glob("/dev/shm/*"))
+    """Files of ours in /dev/shm (other processes come and go there): the communicator's segments are
+    unnamed memfds, so none may appear."""
+    return set(glob.glob("/dev/shm/*tpk*") + glob.glob("/dev/shm/*tp_kernels*"))
 
 
 def _private_comm(tp, timeout_s=SHORT_TIMEOUT_S, **kw) -> ShmCommunicator:
