@@ -91,23 +91,24 @@ GROUPED_TESTS = TRITON_TESTS + IPC_TESTS + GEMM_COLLECTIVE_TESTS + DECODER_TESTS
 # Budgets, 480 s in all. Expected times on one H100/H200 with a cold Triton cache (estimates, not yet
 # measured: no GPU run has happened): the build compiles ~10 translation units on 16 cores, the longest
 # (custom_all_reduce.cu, one arch) ~40 s; each test group pays ~5 s of torch import and a few seconds of
-# Triton JIT per kernel config; ranks sharing one GPU time-slice, so the IPC group gets the most.
+# Triton JIT per kernel config; ranks sharing one GPU time-slice, so the IPC group gets the most (its review
+# estimated 1-4 minutes on one GPU, by the default time slice), then the fused kernels' ~30 JIT compiles.
 STEPS: Tuple[Step, ...] = (
     Step("build", "build", 90, "tp_kernels._C in place: C++ and CUDA sources for this GPU's arch, all cores",
          argv=("setup.py", "build_ext", "--inplace"), env=(("TP_KERNELS_BUILD_CUDA", "1"),)),
     # each parametrization JIT-compiles its own kernel specialization (~1-3 s each, one at a time in a
     # process): 8 xdist processes compile side by side on the GPU machine's 16 cores
-    group_of_tests("triton", 75, "Triton kernels compiled, vs the float64 reference", *TRITON_TESTS, workers=8),
-    group_of_tests("cuda_ipc", 85, "CUDA IPC all-reduce: one-shot, two-shot, fused norm, graphs, back-to-back, timeout",
+    group_of_tests("triton", 60, "Triton kernels compiled, vs the float64 reference", *TRITON_TESTS, workers=8),
+    group_of_tests("cuda_ipc", 110, "CUDA IPC all-reduce: one-shot, two-shot, fused norm, graphs, back-to-back, timeout",
               *IPC_TESTS),
-    group_of_tests("gemm_collective", 55, "overlapped and fused GEMM + collective ops", *GEMM_COLLECTIVE_TESTS),
-    group_of_tests("decoder", 50, "decoder tokens: TP=1 vs TP=2 vs the unsharded Hugging Face model", *DECODER_TESTS),
-    group_of_tests("other_gpu", 25, "every other test marked gpu", "tests", marker="gpu", exclude_paths=GROUPED_TESTS),
-    Step("bench_qkv_rope", "bench", 35, "qkv_rope fused vs unfused (do_bench)", argv=("bench/qkv_rope.py",)),
-    Step("bench_collectives", "bench", 40,
+    group_of_tests("gemm_collective", 80, "overlapped and fused GEMM + collective ops", *GEMM_COLLECTIVE_TESTS),
+    group_of_tests("decoder", 40, "decoder tokens: TP=1 vs TP=2 vs the unsharded Hugging Face model", *DECODER_TESTS),
+    group_of_tests("other_gpu", 20, "every other test marked gpu", "tests", marker="gpu", exclude_paths=GROUPED_TESTS),
+    Step("bench_qkv_rope", "bench", 25, "qkv_rope fused vs unfused (do_bench)", argv=("bench/qkv_rope.py",)),
+    Step("bench_collectives", "bench", 35,
          "all-reduce per backend vs NCCL, fused all-reduce + norm vs steps, GEMM + all-reduce vs sequential",
          argv=("bench/gpu_collectives.py",)),
-    Step("bench_decode", "bench", 25, "decode tokens/s, Llama-3-8B shape, bf16, batch 1",
+    Step("bench_decode", "bench", 20, "decode tokens/s, Llama-3-8B shape, bf16, batch 1",
          argv=("bench/gpu_decode.py",)),
 )
 

@@ -24,8 +24,11 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <string>
+#include <type_traits>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 namespace tp_kernels {
@@ -48,6 +51,20 @@ const std::unordered_set<std::string>& differentiable_ops() {
 py::object*& python_backward() {
   static py::object* fn = nullptr;
   return fn;
+}
+
+// How torch holds an autograd node: c10::intrusive_ptr from torch 2.13 on, std::shared_ptr before (2.11, the GPU
+// machine's torch, fails to compile the other). Taken from the type of an edge's function, so that no version
+// number has to be kept up to date.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <class T, class... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
 }
 
 bool is_tensor_argument(const c10::Argument& argument) {
@@ -166,11 +183,11 @@ void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, to
     edges.push_back(inputs[i].isTensor() ? torch::autograd::impl::gradient_edge(inputs[i].toTensor())
                                          : torch::autograd::Edge());
   }
-  c10::intrusive_ptr<torch::autograd::Node> node;
+  NodePtr node;
   if (differentiable_ops().count(name)) {
-    node = c10::make_intrusive<PythonBackward>(name, std::move(inputs), std::move(edges));
+    node = make_node<PythonBackward>(name, std::move(inputs), std::move(edges));
   } else {
-    node = c10::make_intrusive<torch::autograd::Error>(
+    node = make_node<torch::autograd::Error>(
         name + " has no backward: it is an inference op (README, 'Backward'). Call it under torch.no_grad(), or "
                "use the differentiable ops: all_reduce, all_gather, gemm_allreduce, gemm_reduce_scatter, "
                "allgather_gemm",

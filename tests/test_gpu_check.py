@@ -18,6 +18,7 @@ sys.path.append(os.path.join(REPO_ROOT, "bench"))  # the bench scripts import ea
 import gpu_check  # noqa: E402
 import gpu_collectives  # noqa: E402
 import gpu_decode  # noqa: E402
+import run_all  # noqa: E402,F401  (gpu_check_report imports it inside a function, after sys.path is restored)
 from common import Row  # noqa: E402
 from gpu_check import Step  # noqa: E402
 from gpu_check_report import headline_lines, parse_pytest_output, summary_lines, write_results  # noqa: E402

@@ -99,11 +99,11 @@ def _fused_rank(tp, seed, cases, eps):
             residual = _input(seed + case, 100, shape, dtype)  # the same on every rank, as in a model
             weight = _input(seed + case, 101, shape[-1:], dtype)
             fused.append(comm.allreduce_residual_rmsnorm(x, residual, weight, eps))
-        # rows of 8 KiB exceed the 4 KiB slot: the unfused path, with a warning
+        # rows of 8 KiB exceed the 4 KiB slot: summed in slot-sized steps, then normalized
         x = _input(seed, tp.rank, (2, 2048), torch.float32)
         residual = _input(seed, 100, (2, 2048), torch.float32)
         weight = _input(seed, 101, (2048,), torch.float32)
-        too_wide = comm.allreduce_residual_rmsnorm(x, residual, weight, eps), comm._warned_unfused
+        too_wide = comm.allreduce_residual_rmsnorm(x, residual, weight, eps)
     finally:
         comm.close()
     # through the op (the group's default communicator), and the unfused steps it replaces
@@ -145,8 +145,7 @@ def test_allreduce_residual_rmsnorm_matches_reference(world_size, seed):
     normed_ref, residual_ref = reference.allreduce_residual_rmsnorm(
         [x.double() for x in xs], _input(seed, 100, (2, 2048), torch.float32).double(),
         _input(seed, 101, (2048,), torch.float32).double(), eps)
-    for rank, ((normed, new_residual), warned) in enumerate(too_wide):
-        assert warned, "a row wider than a slot must take the unfused path with a warning"
+    for rank, (normed, new_residual) in enumerate(too_wide):
         assert_close(normed, normed_ref, torch.float32, reduction_len=world_size + 1, msg=f"wide rows, rank {rank}")
         assert_close(new_residual, residual_ref, torch.float32, reduction_len=world_size + 1, msg=f"rank {rank}")
     for case in range(len(through_op[0])):
@@ -245,7 +244,8 @@ def _native_path_rank(tp, seed):
             ops.all_reduce(x, tp)
         ops.all_reduce(x.double(), tp)
         ops.all_reduce(x, gloo_only)
-        ops.allreduce_residual_rmsnorm(torch.ones(1, wide), torch.ones(1, wide), torch.ones(wide), 1e-6, tp)
+        seen["wide rows"] = ops.allreduce_residual_rmsnorm(torch.ones(1, wide), torch.ones(1, wide), torch.ones(wide),
+                                                           1e-6, tp)[1].tolist() == [[float(tp.world_size + 1)] * wide]
         with pytest.raises(ValueError, match="weight"):
             ops.allreduce_residual_rmsnorm(x, residual, weight[:-1], 1e-6, tp)
         seen["all"] = list(handed_to_python)
@@ -271,8 +271,8 @@ def test_cpu_ops_skip_python_for_shm_groups(seed):
                                ("all_reduce", True, "auto", "torch.float32"),  # inside use_backend("torch")
                                ("all_reduce", True, "auto", "torch.float64"),
                                ("all_reduce", False, "auto", "torch.float32"),
-                               ("fused", True, seen["all"][5][2]),
                                ("fused", True, 50)], f"rank {rank}: {seen['all']}"
+        assert seen["wide rows"], f"rank {rank}: rows wider than a slot (served in C++ too) summed wrong"
         assert same, f"rank {rank}: the C++ path and the Python chain disagree"
 
 

@@ -1,7 +1,8 @@
 """Faults of the shared-memory communicator, one test per promise of issue 5: a wait times out naming the
 ranks that did not arrive; a mismatched call raises on every rank and corrupts nothing; a rank killed
-mid-collective makes the others raise within the timeout; nothing is left in /dev/shm; two groups in one
-job do not interfere; bad arguments raise ValueError.
+mid-collective makes the others raise within the timeout; nothing is ever put in /dev/shm (the segments
+are unnamed memfds); two groups in one job do not interfere; bad arguments raise ValueError. The faults of
+issue 13 (planted segments, poisoning, threads, interrupts) are in test_faults.py.
 
 Faulty collectives run on a private communicator made inside the task (collectively, on every rank) with a
 short timeout, so the group's own communicator, and the rank pool, stay healthy.
@@ -27,7 +28,9 @@ SHORT_TIMEOUT_S = 1.5
 
 
 def _segments() -> set:
-    return set(glob.glob("/dev/shm/tpk-shm-*"))
+    """Files of ours in /dev/shm (other processes come and go there): the communicator's segments are
+    unnamed memfds, so none may appear."""
+    return set(glob.glob("/dev/shm/*tpk*") + glob.glob("/dev/shm/*tp_kernels*"))
 
 
 def _private_comm(tp, timeout_s=SHORT_TIMEOUT_S, **kw) -> ShmCommunicator:
@@ -67,7 +70,9 @@ def test_wait_times_out_naming_missing_ranks(world_size, absent):
         names = ", ".join(str(r) for r in absent)
         assert f"rank(s) {names} did not arrive within" in message, message
         assert "TP_KERNELS_COMM_TIMEOUT" in message
-        assert 1.0 <= waited < 1.0 + 5.0, f"rank {rank} raised after {waited:.2f} s with a 1 s timeout"
+        # the first rank whose wait times out poisons the segment and the others raise with it: a rank that
+        # started waiting later than that one may have waited a little less than the timeout itself
+        assert 0.5 <= waited < 1.0 + 5.0, f"rank {rank} raised after {waited:.2f} s with a 1 s timeout"
 
 
 def test_bad_timeout_env_raises(monkeypatch):
@@ -138,7 +143,6 @@ def _killed_rank(tp):
     the first step for rank 0 (which enters later); rank 0 must raise within the timeout."""
     comm = _private_comm(tp, slot_bytes=4096)
     x = torch.ones(6 * 1024)
-    present = os.path.exists("/dev/shm" + comm.segment_name)
     try:
         if tp.rank == 1:
             pid = os.fork()
@@ -147,12 +151,12 @@ def _killed_rank(tp):
                 comm.all_reduce(x)
                 os._exit(3)  # not reached: rank 0 enters the collective only after the kill
             _, status = os.waitpid(pid, 0)
-            return present, os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, None, None
+            return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, None, None
         time.sleep(0.8)
         start = time.monotonic()
         with pytest.raises(RuntimeError) as err:
             comm.all_reduce(x)
-        return present, None, str(err.value), time.monotonic() - start
+        return None, str(err.value), time.monotonic() - start
     finally:
         comm.close()
 
@@ -160,14 +164,13 @@ def _killed_rank(tp):
 def test_killed_rank_makes_others_raise_and_leaves_nothing():
     # pooled ranks suffice: the process killed is a forked stand-in, and the communicator is private
     before = _segments()
-    (present0, _, message, waited), (present1, killed, _, _) = spawn_ranks(2, _killed_rank)
+    (_, message, waited), (killed, _, _) = spawn_ranks(2, _killed_rank)
     assert killed, "the child standing in for rank 1 was not SIGKILLed mid-collective"
     assert "rank(s) 1 did not arrive" in message, message
     # the stand-in had arrived at step #1 before dying: rank 0 gets stuck at the step's next wait (two-shot
     # reduce-scatter) or the next step, never at the first arrival
     assert re.search(r"collective #1 \(phase 'reduce-scatter'\)|collective #2 \(phase 'arrive'\)", message), message
     assert waited < SHORT_TIMEOUT_S + 5.0
-    assert not present0 and not present1, "the segment must be unlinked once every rank mapped it"
     assert _segments() - before == set()
 
 
@@ -176,26 +179,28 @@ def _segment_facts(tp):
     y = ops.all_reduce(torch.ones(3), tp)
     with pytest.raises(RuntimeError, match="mismatched collective"):  # leave by way of an exception too
         ops.all_reduce(torch.ones(3 + tp.rank), tp)
-    return comm.name, comm.segment_name, os.path.exists("/dev/shm" + comm.segment_name), y.tolist()
+    return comm.name, comm.segment_id, y.tolist()
 
 
 def test_nothing_left_in_dev_shm_after_exception_and_exit():
     before = _segments()
     facts = spawn_ranks(2, _segment_facts, fresh=True)  # new processes that exit normally afterwards
     assert [f[0] for f in facts] == ["shm", "shm"] and facts[0][1] == facts[1][1]
-    assert not any(f[2] for f in facts), "the segment must be unlinked once every rank mapped it"
-    assert all(f[3] == [2.0, 2.0, 2.0] for f in facts)
+    assert all(f[2] == [2.0, 2.0, 2.0] for f in facts)
     assert _segments() - before == set()
 
 
-def test_setup_unlinks_when_a_rank_never_maps():
+def test_setup_raises_when_a_rank_never_maps():
+    from tp_kernels.comm import segment
+
     before = _segments()
-    comm = _C.ShmCommunicator.create(2, 4096, 0.3, "lonely")
-    assert os.path.exists("/dev/shm" + comm.name)
-    assert os.stat("/dev/shm" + comm.name).st_mode & 0o777 == 0o600
+    seg, _ = segment.create(_C.ShmCommunicator.segment_bytes(2, 4096), "lonely")
+    try:
+        comm = _C.ShmCommunicator.map_fd(seg.fd, segment.HEADER_BYTES, 0, 2, 4096, 0.3, "lonely")
+    finally:
+        seg.close()
     with pytest.raises(RuntimeError, match=r"rank\(s\) 1 did not map the shared memory segment"):
         comm.finish_setup()
-    assert not os.path.exists("/dev/shm" + comm.name)
     with pytest.raises(RuntimeError, match="unusable after an earlier failure"):
         comm.all_reduce(torch.ones(2))
     comm.close()
@@ -212,7 +217,7 @@ def _two_groups_rank(tp, n_rounds):
     pair_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # collective: every rank makes both
     pair = TPGroup.from_group(pair_groups[tp.rank // 2])
     try:
-        names = (pair.communicator_for(torch.ones(1)).segment_name, tp.communicator_for(torch.ones(1)).segment_name)
+        names = (pair.communicator_for(torch.ones(1)).segment_id, tp.communicator_for(torch.ones(1)).segment_id)
         wrong = 0
         for i in range(n_rounds):
             numel = 1 + (i * 37) % 700
@@ -270,6 +275,6 @@ def test_bad_arguments_raise_value_error():
         assert "'shm'" in errors["unknown backend"]
         assert errors["after"] == [2.0, 2.0]
     with pytest.raises(ValueError, match="slot_bytes must be a positive multiple of 4096"):
-        _C.ShmCommunicator.create(2, 1000, 1.0, "bad-slot")
+        _C.ShmCommunicator.segment_bytes(2, 1000)
     with pytest.raises(ValueError, match="world_size must be in"):
-        _C.ShmCommunicator.create(1, 4096, 1.0, "bad-world")
+        _C.ShmCommunicator.segment_bytes(1, 4096)

@@ -12,13 +12,22 @@ the first that applies to its tensor. The only way to change which backend serve
 `with tp.use_backend(name): ...`, which also updates the C++ CPU kernels' table of shared-memory groups
 (csrc/cpu/shm_ops.cpp), so every path (the ops from Python or C++, the layers, the overlap pipelines'
 communication thread, all_gather) keeps asking the same question and gets the same answer. Making a
-TPGroup over a multi-rank process group is collective: the fast paths exchange hostnames and buffer names.
+TPGroup over a multi-rank process group is collective: the fast paths exchange hostnames and buffer names,
+after a barrier through the store that waits at most TP_KERNELS_COMM_TIMEOUT and names the ranks that did
+not come (tp_kernels.comm.rendezvous).
+
+Threads: the ranks pair collectives by the order they are issued in, so two threads issuing collectives
+of one group would pair them differently on different ranks. A multi-rank group therefore serves one
+thread, the one that made it (or called `bind_to_current_thread`), plus the group's own communication
+thread (tp_kernels.comm.thread) and the autograd engine's threads while they run a backward pass; a
+collective from any other thread raises before it communicates.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import os
+import threading
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -26,7 +35,8 @@ import torch.distributed as dist
 
 from tp_kernels import comm
 from tp_kernels._extension import _C
-from tp_kernels.comm.base import Communicator, IdentityCommunicator
+from tp_kernels.comm import rendezvous
+from tp_kernels.comm.base import Communicator, IdentityCommunicator, comm_timeout_s
 
 _GROUPS: Dict[str, "TPGroup"] = {}
 SINGLE_GROUP_NAME = "tp_kernels.single"
@@ -54,6 +64,8 @@ class TPGroup:
         self.rank, self.world_size, self.name, self.process_group = rank, world_size, name, process_group
         self.backends = comm.check_backend_names(backends if backends is not None else comm.DEFAULT_BACKENDS)
         self._forced: Optional[str] = None
+        self._owner_thread = threading.get_ident()
+        self._helper_thread: Optional[int] = None
         if communicators is not None:
             chain = tuple(communicators)
             if not chain or not all(isinstance(c, Communicator) for c in chain):
@@ -61,6 +73,8 @@ class TPGroup:
                                 f"got {communicators!r}")
             self.backends = tuple(c.name for c in chain)
         else:
+            if process_group is not None and world_size > 1:
+                rendezvous.group_barrier(process_group, name, rank, world_size)
             chain = comm.build_chain(self, self.backends, warn_missing=backends is not None)
         self._chain: Tuple[Communicator, ...] = chain
         _GROUPS[self.name] = self
@@ -151,14 +165,44 @@ class TPGroup:
         names = [c.name for c in self.active_communicators]
         return f"{names}, forced to {self._forced!r} by use_backend" if self._forced else f"{names}"
 
+    # -- threads: one per group (and its communication thread) -------------------------------------------
+    def bind_to_current_thread(self) -> None:
+        """Issue this group's collectives from the calling thread from now on (instead of the thread that
+        made the group, whose calls then raise). Do it on every rank, before the thread's first collective."""
+        self._owner_thread = threading.get_ident()
+        for c in self._chain:
+            c.bind_thread(self._owner_thread)
+
+    def _allow_comm_thread(self, thread: int) -> None:
+        """tp_kernels.comm.thread: the group's communication thread may issue its collectives too (never
+        at the same time as the owner, which waits for it)."""
+        self._helper_thread = thread
+        for c in self._chain:
+            c.allow_helper_thread(thread)
+
+    def _check_thread(self, what: str) -> None:
+        if self.world_size == 1:
+            return  # nothing is paired across ranks: any thread may use a one-rank group
+        me = threading.get_ident()
+        # the autograd engine runs the backward of CUDA ops on its own device threads while the thread that
+        # called .backward() waits for them: their collectives are that thread's
+        if me != self._owner_thread and me != self._helper_thread and torch._C._current_graph_task_id() == -1:
+            raise RuntimeError(
+                f"TPGroup {self.name!r} (rank {self.rank}): {what} called from thread {threading.current_thread().name!r} "
+                f"({me}), but the group belongs to thread {self._owner_thread}. The ranks pair collectives by the "
+                "order they are issued in, so a group is used by one thread: the one that made it, or the one that "
+                "called tp.bind_to_current_thread()")
+
     # -- the collectives: every one of the group goes through these ---------------------------------------
     def all_reduce(self, x: torch.Tensor, backend: str = "auto", out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The sum of x over the group: a new tensor, or written into out (out=x: in place)."""
+        self._check_thread("all_reduce")
         chosen = self.communicator_for(x, backend)
         return chosen.all_reduce(x) if out is None else chosen.all_reduce_into(x, out)
 
     def all_gather(self, x: torch.Tensor, dim: int, backend: str = "auto") -> torch.Tensor:
         """Every rank's x concatenated along dim, rank 0's first."""
+        self._check_thread("all_gather")
         # the backend sees the gathered size: a fast path may take x but not world_size times its bytes
         chosen = self.communicator_for(x.new_empty((self.world_size,) + tuple(x.shape)), backend)
         stacked = chosen.all_gather(x.contiguous(), self.rank, self.world_size)  # (world_size, *x.shape)
@@ -170,6 +214,7 @@ class TPGroup:
                                    backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
         """add_rmsnorm(all_reduce(x), residual, weight, eps) -> (normed, new_residual), fused by the backend
         when it can."""
+        self._check_thread("allreduce_residual_rmsnorm")
         return self.communicator_for(x, backend).allreduce_residual_rmsnorm(x, residual, weight, eps)
 
     # -- construction ------------------------------------------------------------------------------------
@@ -201,14 +246,16 @@ class TPGroup:
 
     @classmethod
     def init(cls, rank: Optional[int] = None, world_size: Optional[int] = None, backend: Optional[str] = None,
-             init_method: Optional[str] = None, timeout_s: float = 300.0,
+             init_method: Optional[str] = None, timeout_s: Optional[float] = None,
              backends: Optional[Sequence[str]] = None) -> "TPGroup":
         """Initialize torch.distributed for a script and return the world TPGroup.
 
         Explicit arguments win; otherwise torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
         MASTER_PORT). With world size 1 and nothing initialized, no process group is made.
         backend is torch.distributed's (default "cpu:gloo,cuda:nccl" when CUDA is available, else "gloo");
-        backends names the group's collective chain (see TPGroup).
+        backends names the group's collective chain (see TPGroup). timeout_s bounds the rendezvous and
+        every collective of the process group (default TP_KERNELS_COMM_TIMEOUT, 60 s); a rank that does not
+        come within it is named in the error (env://, tcp:// and file:// init methods).
         """
         if dist.is_initialized():
             return cls.from_group(backends=backends)
@@ -220,8 +267,16 @@ class TPGroup:
             backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         if backend.endswith("nccl") and torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-        dist.init_process_group(backend=backend, init_method=init_method or "env://", rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout_s = comm_timeout_s() if timeout_s is None else timeout_s
+        init_method = init_method or "env://"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = rendezvous.init_store(init_method, rank, world_size, timeout_s)
+        if store is None:  # another scheme: torch's rendezvous, bounded by timeout_s but naming nobody
+            dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+                                    timeout=timeout)
+        else:
+            rendezvous.barrier(store, "tp_kernels/init", rank, world_size, timeout_s, "torch.distributed rendezvous")
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         return cls.from_group(backends=backends)
 
     def close(self) -> None:

@@ -5,6 +5,7 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -35,7 +36,7 @@ namespace shm {
 
 namespace {
 constexpr uint64_t kMagic = 0x314d48535f4b5054ull;  // "TPK_SHM1"
-constexpr uint32_t kVersion = 2;
+constexpr uint32_t kVersion = 3;
 // Default one-shot limit; tp_kernels/comm/shm.py sets the same value (DEFAULT_ONE_SHOT_MAX_BYTES) with the
 // measurement behind it.
 constexpr int64_t kDefaultOneShotMaxBytes = 16 * 1024;
@@ -48,25 +49,52 @@ constexpr int64_t kDefaultOneShotMaxBytes = 16 * 1024;
 constexpr double kSpinUs = 100.0;
 constexpr double kYieldUs = 10000.0;
 constexpr long kSleepNs = 50000;
+// A wait calls the interrupt check (Python: PyErr_CheckSignals, under the GIL) this often: Ctrl-C is
+// acted on within ~20 ms plus one sleep, well inside the 100 ms a user notices.
+constexpr int kInterruptCheckMs = 20;
+
+std::atomic<ShmCommunicator::InterruptCheck>& interrupt_check_fn() {
+  static std::atomic<ShmCommunicator::InterruptCheck> check{nullptr};
+  return check;
+}
+
+uint64_t this_thread() { return static_cast<uint64_t>(pthread_self()); }
+
+// A call that differs from the peers' at the same seq: every rank sees the same records and raises at the
+// same seq, so the ranks stay in step and the communicator stays usable (no poisoning).
+class MismatchedCall : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 }  // namespace
 
 struct CallRecord {
   uint64_t seq;
   uint64_t total_bytes;
   uint64_t hidden;
+  double eps;
   uint32_t op;
   uint32_t algo;
   uint32_t dtype;
   uint32_t unused;
 };
 
+// Written by rank 0 before it marks setup_state 1; every other rank checks each field against its own
+// mapping before it uses the segment (finish_setup).
 struct alignas(64) SegmentHeader {
   uint64_t magic;
   uint32_t version;
   uint32_t world_size;
   uint64_t slot_bytes;
   uint64_t segment_bytes;
-  std::atomic<uint32_t> setup_state;  // 0: waiting for ranks to map; 1: unlinked, ready; 2: setup failed
+  std::atomic<uint32_t> setup_state;  // 0: waiting for ranks to map; 1: ready; 2: setup failed
+  uint32_t unused;
+  uint64_t segment_id;
+  // The first failure of any rank (see poison): 0 while healthy, else the failing rank + 1; its reason
+  // follows once poison_reason_ready is 1. Own cache line: polled in every wait, written once.
+  alignas(64) std::atomic<uint32_t> poisoned_by;
+  std::atomic<uint32_t> poison_reason_ready;
+  char poison_reason[248];
 };
 
 // Written only by its rank; `arrived` and `reduced` sit on their own cache lines because the other ranks
@@ -95,7 +123,7 @@ size_t data_offset(int world_size) {
   return round_up(control_offset() + world_size * sizeof(RankControl), 4096);
 }
 
-size_t segment_bytes(int world_size, int64_t slot_bytes) {
+size_t layout_bytes(int world_size, int64_t slot_bytes) {
   return data_offset(world_size) + static_cast<size_t>(world_size) * 2 * slot_bytes;
 }
 
@@ -121,12 +149,17 @@ int64_t default_stream_min_bytes(int world_size) {
   return std::max<int64_t>(1 << 20, l3 / (2 * std::max(world_size, 1)));
 }
 
-std::string random_name() {
+uint64_t random_u64() {
   std::random_device device;  // getrandom(2) on Linux
-  std::ostringstream s;
-  s << "/tpk-shm-" << std::hex;
-  for (int i = 0; i < 4; ++i) s << ((device() & 0xffffu) | 0x10000u);  // 4 x 4 hex digits after a '1'
-  return s.str();
+  return (static_cast<uint64_t>(device()) << 32) ^ device();
+}
+
+void check_layout_args(int world_size, int64_t slot_bytes) {
+  if (world_size < 2 || world_size > ShmCommunicator::kMaxRanks)
+    throw std::invalid_argument("world_size must be in [2, " + std::to_string(ShmCommunicator::kMaxRanks) + "], got " +
+                                std::to_string(world_size));
+  if (slot_bytes < 4096 || slot_bytes % 4096)
+    throw std::invalid_argument("slot_bytes must be a positive multiple of 4096, got " + std::to_string(slot_bytes));
 }
 
 DType to_dtype(at::ScalarType type, const char* arg) {
@@ -149,111 +182,85 @@ void check_cpu_contiguous(const at::Tensor& t, const char* arg) {
 
 }  // namespace
 
-ShmCommunicator::ShmCommunicator(std::string name, int rank, int world_size, int64_t slot_bytes, double timeout_s,
-                                 std::string label)
-    : name_(std::move(name)),
-      label_(std::move(label)),
+ShmCommunicator::ShmCommunicator(int rank, int world_size, int64_t slot_bytes, double timeout_s, std::string label)
+    : label_(std::move(label)),
       rank_(rank),
       world_size_(world_size),
       slot_bytes_(slot_bytes),
       timeout_s_(timeout_s),
       one_shot_max_bytes_(kDefaultOneShotMaxBytes),
       stream_min_bytes_(default_stream_min_bytes(world_size)) {
-  if (world_size < 2 || world_size > kMaxRanks)
-    throw std::invalid_argument("world_size must be in [2, " + std::to_string(kMaxRanks) + "], got " +
-                                std::to_string(world_size));
+  check_layout_args(world_size, slot_bytes);
   if (rank < 0 || rank >= world_size)
     throw std::invalid_argument("rank must be in [0, " + std::to_string(world_size) + "), got " + std::to_string(rank));
   set_timeout_s(timeout_s);
+  owner_thread_.store(this_thread(), std::memory_order_relaxed);
 }
 
-std::shared_ptr<ShmCommunicator> ShmCommunicator::create(int world_size, int64_t slot_bytes, double timeout_s,
-                                                         std::string label) {
-  if (slot_bytes < 4096 || slot_bytes % 4096)
-    throw std::invalid_argument("slot_bytes must be a positive multiple of 4096, got " + std::to_string(slot_bytes));
-  std::shared_ptr<ShmCommunicator> comm(
-      new ShmCommunicator("", 0, world_size, slot_bytes, timeout_s, std::move(label)));
-  int fd = -1;
-  for (int attempt = 0; attempt < 8 && fd < 0; ++attempt) {
-    comm->name_ = random_name();
-    fd = shm_open(comm->name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd < 0 && errno != EEXIST)
-      throw std::runtime_error("shm communicator of group '" + comm->label_ + "': shm_open(" + comm->name_ +
-                               ") failed: " + errno_text(errno));
-  }
-  if (fd < 0) throw std::runtime_error("shm communicator: no free random segment name after 8 tries");
-  const size_t bytes = segment_bytes(world_size, slot_bytes);
-  try {
-    if (fchmod(fd, 0600) != 0 || ftruncate(fd, static_cast<off_t>(bytes)) != 0)
-      throw std::runtime_error("shm communicator of group '" + comm->label_ + "': sizing " + comm->name_ + " to " +
-                               std::to_string(bytes) + " bytes failed: " + errno_text(errno));
-    // Reserve the pages now: on a full /dev/shm (docker's default is 64 MiB) this fails here with ENOSPC
-    // instead of a SIGBUS at the first write into a slot.
-    const int err = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
-    if (err != 0)
-      throw std::runtime_error("shm communicator of group '" + comm->label_ + "': reserving " +
-                               std::to_string(bytes) + " bytes of /dev/shm failed: " + errno_text(err));
-    comm->map_segment(fd, bytes);
-  } catch (...) {
-    ::close(fd);
-    shm_unlink(comm->name_.c_str());
-    throw;
-  }
-  ::close(fd);
-  SegmentHeader* h = comm->header_;
-  h->magic = kMagic;
-  h->version = kVersion;
-  h->world_size = static_cast<uint32_t>(world_size);
-  h->slot_bytes = static_cast<uint64_t>(slot_bytes);
-  h->segment_bytes = bytes;
-  comm->control_[0].pid = static_cast<int32_t>(getpid());
-  comm->control_[0].attached.store(1, std::memory_order_release);
-  return comm;
+int64_t ShmCommunicator::segment_bytes(int world_size, int64_t slot_bytes) {
+  check_layout_args(world_size, slot_bytes);
+  return static_cast<int64_t>(layout_bytes(world_size, slot_bytes));
 }
 
-std::shared_ptr<ShmCommunicator> ShmCommunicator::attach(const std::string& name, int rank, int world_size,
-                                                         double timeout_s, std::string label) {
-  if (rank == 0) throw std::invalid_argument("rank 0 creates the segment (ShmCommunicator.create), it does not attach");
-  std::shared_ptr<ShmCommunicator> comm(new ShmCommunicator(name, rank, world_size, 0, timeout_s, std::move(label)));
-  const int fd = shm_open(name.c_str(), O_RDWR, 0);
-  if (fd < 0)
-    throw std::runtime_error("shm communicator of group '" + comm->label_ + "': rank " + std::to_string(rank) +
-                             " could not open segment " + name + ": " + errno_text(errno) +
-                             " (rank 0 unlinks it if a rank does not map it within the timeout)");
+std::shared_ptr<ShmCommunicator> ShmCommunicator::map_fd(int fd, int64_t offset, int rank, int world_size,
+                                                         int64_t slot_bytes, double timeout_s, std::string label) {
+  std::shared_ptr<ShmCommunicator> comm(new ShmCommunicator(rank, world_size, slot_bytes, timeout_s, std::move(label)));
+  const std::string who = "shm communicator of group '" + comm->label_ + "' (rank " + std::to_string(rank) + "): ";
+  const long page = sysconf(_SC_PAGESIZE);
+  if (offset < 0 || offset % page)
+    throw std::invalid_argument(who + "offset must be a non-negative multiple of the page size " + std::to_string(page) +
+                                ", got " + std::to_string(offset));
+  const size_t bytes = layout_bytes(world_size, slot_bytes);
+  // The descriptor must be the kind tp_kernels.comm.segment makes, and exactly the size this rank's own
+  // arguments give: every address computed below then lies inside the mapping, and the seal keeps it so
+  // (a shrunk file would turn a slot access into SIGBUS).
   struct stat st;
-  if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < data_offset(world_size)) {
-    ::close(fd);
-    throw std::runtime_error("shm communicator: segment " + name + " is too small to be a tp_kernels segment");
+  if (fstat(fd, &st) != 0) throw std::runtime_error(who + "fstat of descriptor " + std::to_string(fd) + " failed: " + errno_text(errno));
+  std::string problem;
+  if (!S_ISREG(st.st_mode)) {
+    problem = "is not a regular file";
+  } else if (st.st_uid != geteuid()) {
+    problem = "belongs to uid " + std::to_string(st.st_uid) + ", not to this process's uid " + std::to_string(geteuid());
+  } else if ((st.st_mode & 0777) != 0600) {
+    std::ostringstream mode;
+    mode << std::oct << (st.st_mode & 0777);
+    problem = "has mode 0" + mode.str() + ", expected 0600";
+  } else if (static_cast<uint64_t>(st.st_size) != static_cast<uint64_t>(offset) + bytes) {
+    problem = "is " + std::to_string(st.st_size) + " bytes, but offset " + std::to_string(offset) + " + the layout of " +
+              std::to_string(world_size) + " ranks with " + std::to_string(slot_bytes) + "-byte slots needs " +
+              std::to_string(static_cast<uint64_t>(offset) + bytes);
+  } else {
+    const int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || !(seals & F_SEAL_SHRINK)) problem = "is not sealed against shrinking (tp_kernels.comm.segment's are)";
   }
-  try {
-    comm->map_segment(fd, static_cast<size_t>(st.st_size));
-  } catch (...) {
-    ::close(fd);
-    throw;
+  if (!problem.empty()) throw std::runtime_error(who + "refused descriptor " + std::to_string(fd) + ": it " + problem);
+  if (rank == 0) {
+    // Reserve the pages now: when memory is short this fails here with ENOSPC/ENOMEM instead of a SIGBUS at
+    // the first write into a slot.
+    const int err = posix_fallocate(fd, static_cast<off_t>(offset), static_cast<off_t>(bytes));
+    if (err != 0)
+      throw std::runtime_error(who + "reserving " + std::to_string(bytes) + " bytes of shared memory failed: " +
+                               errno_text(err));
   }
-  ::close(fd);
-  const SegmentHeader* h = comm->header_;
-  if (h->magic != kMagic || h->version != kVersion || h->world_size != static_cast<uint32_t>(world_size) ||
-      h->segment_bytes != static_cast<uint64_t>(st.st_size))
-    throw std::runtime_error("shm communicator: segment " + name + " was made for world size " +
-                             std::to_string(h->world_size) + " (version " + std::to_string(h->version) +
-                             "), not for this group of world size " + std::to_string(world_size));
-  comm->slot_bytes_ = static_cast<int64_t>(h->slot_bytes);
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, static_cast<off_t>(offset));
+  if (p == MAP_FAILED) throw std::runtime_error(who + "mmap of " + std::to_string(bytes) + " bytes failed: " + errno_text(errno));
+  comm->base_ = static_cast<char*>(p);
+  comm->mapped_bytes_ = bytes;
+  comm->header_ = reinterpret_cast<SegmentHeader*>(comm->base_);
+  comm->control_ = reinterpret_cast<RankControl*>(comm->base_ + control_offset());
+  comm->data_ = comm->base_ + data_offset(world_size);
+  if (rank == 0) {
+    SegmentHeader* h = comm->header_;
+    h->magic = kMagic;
+    h->version = kVersion;
+    h->world_size = static_cast<uint32_t>(world_size);
+    h->slot_bytes = static_cast<uint64_t>(slot_bytes);
+    h->segment_bytes = bytes;
+    h->segment_id = random_u64();
+  }
   comm->control_[rank].pid = static_cast<int32_t>(getpid());
-  comm->control_[rank].attached.store(1, std::memory_order_release);
+  comm->control_[rank].attached.store(1, std::memory_order_release);  // rank 0: after the header (finish_setup)
   return comm;
-}
-
-void ShmCommunicator::map_segment(int fd, size_t bytes) {
-  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  if (p == MAP_FAILED)
-    throw std::runtime_error("shm communicator: mmap of " + std::to_string(bytes) + " bytes of " + name_ +
-                             " failed: " + errno_text(errno));
-  base_ = static_cast<char*>(p);
-  mapped_bytes_ = bytes;
-  header_ = reinterpret_cast<SegmentHeader*>(base_);
-  control_ = reinterpret_cast<RankControl*>(base_ + control_offset());
-  data_ = base_ + data_offset(world_size_);
 }
 
 ShmCommunicator::~ShmCommunicator() { close(); }
@@ -261,7 +268,6 @@ ShmCommunicator::~ShmCommunicator() { close(); }
 void ShmCommunicator::close() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (base_ == nullptr) return;
-  if (rank_ == 0 && !setup_done_) shm_unlink(name_.c_str());  // setup never finished: the name is still there
   munmap(base_, mapped_bytes_);
   base_ = nullptr;
   header_ = nullptr;
@@ -292,6 +298,7 @@ void ShmCommunicator::finish_setup() {
   if (base_ == nullptr) throw std::runtime_error("shm communicator of group '" + label_ + "' is closed");
   if (setup_done_) return;
   const auto start = std::chrono::steady_clock::now();
+  auto last_interrupt_check = start;
   const auto timeout = std::chrono::duration<double>(timeout_s_);
   for (;;) {
     if (rank_ == 0) {
@@ -299,22 +306,22 @@ void ShmCommunicator::finish_setup() {
       for (int r = 1; r < world_size_; ++r)
         if (control_[r].attached.load(std::memory_order_acquire) != 1) missing.push_back(r);
       if (missing.empty()) {
-        shm_unlink(name_.c_str());  // every rank holds a mapping: the name is no longer needed
         setup_done_ = true;
-        header_->setup_state.store(1, std::memory_order_release);
+        segment_id_ = header_->segment_id;
+        header_->setup_state.store(1, std::memory_order_release);  // matches the acquire of the others below
         return;
       }
       if (std::chrono::steady_clock::now() - start > timeout) {
-        shm_unlink(name_.c_str());
         setup_done_ = true;
         header_->setup_state.store(2, std::memory_order_release);
         fail("rank(s) " + rank_list(missing) + " did not map the shared memory segment within " +
-             seconds(timeout_s_) + " (TP_KERNELS_COMM_TIMEOUT); the segment was removed");
+             seconds(timeout_s_) + " (TP_KERNELS_COMM_TIMEOUT)");
       }
     } else {
       const uint32_t state = header_->setup_state.load(std::memory_order_acquire);
       if (state == 1) {
         setup_done_ = true;
+        check_header();
         return;
       }
       if (state == 2) {
@@ -327,9 +334,30 @@ void ShmCommunicator::finish_setup() {
              " (TP_KERNELS_COMM_TIMEOUT)");
       }
     }
+    check_interrupt(last_interrupt_check, 0, "setup");
     struct timespec pause = {0, 100000};  // setup is once per group: 0.1 ms polls keep the core free
     nanosleep(&pause, nullptr);
   }
+}
+
+void ShmCommunicator::check_header() {
+  // Every field rank 0 wrote, against what this rank mapped from its own arguments: the header is only
+  // information (no address is computed from it), so a forged or stale one is refused, never followed.
+  const SegmentHeader* h = header_;
+  std::ostringstream problem;
+  if (h->magic != kMagic || h->version != kVersion) {
+    problem << "magic " << std::hex << h->magic << std::dec << " version " << h->version << ", expected "
+            << std::hex << kMagic << std::dec << " version " << kVersion;
+  } else if (h->world_size != static_cast<uint32_t>(world_size_)) {
+    problem << "world size " << h->world_size << ", this rank's is " << world_size_;
+  } else if (h->slot_bytes != static_cast<uint64_t>(slot_bytes_)) {
+    problem << "slot_bytes " << h->slot_bytes << ", this rank's is " << slot_bytes_;
+  } else if (h->segment_bytes != mapped_bytes_) {
+    problem << "segment size " << h->segment_bytes << " bytes, this rank mapped " << mapped_bytes_;
+  }
+  if (!problem.str().empty())
+    fail("the segment header disagrees with this rank's mapping (" + problem.str() + "); refused before any use");
+  segment_id_ = h->segment_id;
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -340,20 +368,131 @@ char* ShmCommunicator::slot(int rank, uint64_t seq) const {
 }
 
 void ShmCommunicator::fail(const std::string& message) {
-  broken_ = message;
+  poison(message);
   throw std::runtime_error("tp_kernels shm communicator of group '" + label_ + "' (rank " + std::to_string(rank_) +
                            " of " + std::to_string(world_size_) + "): " + message);
 }
 
-void ShmCommunicator::check_usable(const char* what) const {
+// ------------------------------------------------------------------------------------------------------
+// poisoning, threads, interrupts
+// ------------------------------------------------------------------------------------------------------
+void ShmCommunicator::poison(const std::string& why) {
+  if (broken_.empty()) broken_ = "rank " + std::to_string(rank_) + ": " + why;
+  publish_poison(why);
+}
+
+void ShmCommunicator::publish_poison(const std::string& why) {
+  if (header_ == nullptr) return;
+  uint32_t healthy = 0;
+  if (!header_->poisoned_by.compare_exchange_strong(healthy, static_cast<uint32_t>(rank_ + 1),
+                                                    std::memory_order_acq_rel))
+    return;  // a failure was recorded already: the first one is the cause, the others its consequences
+  const size_t n = std::min(why.size(), sizeof(header_->poison_reason) - 1);
+  std::memcpy(header_->poison_reason, why.data(), n);
+  header_->poison_reason[n] = '\0';
+  header_->poison_reason_ready.store(1, std::memory_order_release);  // matches the acquire in segment_failure
+}
+
+int ShmCommunicator::poisoned_by() const {
+  if (header_ == nullptr) return -1;
+  return static_cast<int>(header_->poisoned_by.load(std::memory_order_acquire)) - 1;
+}
+
+std::string ShmCommunicator::segment_failure() const {
+  const int by = poisoned_by();
+  if (by < 0) return "";
+  std::string s = "rank " + std::to_string(by);
+  if (header_->poison_reason_ready.load(std::memory_order_acquire) == 1)  // written by another process: bounded
+    s += ": " + std::string(header_->poison_reason, strnlen(header_->poison_reason, sizeof(header_->poison_reason)));
+  return s;
+}
+
+void ShmCommunicator::raise_poisoned(const std::string& what) {
+  const std::string reason = segment_failure();
+  if (broken_.empty()) broken_ = reason;
+  throw std::runtime_error("tp_kernels shm communicator of group '" + label_ + "' (rank " + std::to_string(rank_) +
+                           " of " + std::to_string(world_size_) + "): " + what + " cannot complete: a rank failed (" +
+                           reason + "); the communicator is unusable until the group is made again");
+}
+
+void ShmCommunicator::check_usable(const char* what) {
   if (base_ == nullptr)
     throw std::runtime_error(std::string(what) + ": the shm communicator of group '" + label_ + "' is closed");
   if (!setup_done_)
     throw std::runtime_error(std::string(what) + ": the shm communicator of group '" + label_ +
                              "' has not finished setup (call finish_setup on every rank)");
+  if (broken_.empty() && poisoned_by() >= 0) broken_ = segment_failure();
   if (!broken_.empty())
-    throw std::runtime_error(std::string(what) + ": the shm communicator of group '" + label_ +
-                             "' is unusable after an earlier failure: " + broken_);
+    throw std::runtime_error(std::string(what) + ": the shm communicator of group '" + label_ + "' (rank " +
+                             std::to_string(rank_) + ") is unusable after an earlier failure: " + broken_ +
+                             " (make the group again on every rank)");
+}
+
+void ShmCommunicator::bind_thread(uint64_t thread) { owner_thread_.store(thread, std::memory_order_relaxed); }
+
+void ShmCommunicator::allow_helper_thread(uint64_t thread) {
+  helper_thread_.store(thread, std::memory_order_relaxed);
+}
+
+void ShmCommunicator::set_interrupt_check(InterruptCheck check) {
+  interrupt_check_fn().store(check, std::memory_order_relaxed);
+}
+
+std::unique_lock<std::mutex> ShmCommunicator::enter(const char* what) {
+  const uint64_t me = this_thread();
+  const uint64_t owner = owner_thread_.load(std::memory_order_relaxed);
+  if (me != owner && me != helper_thread_.load(std::memory_order_relaxed))
+    throw std::runtime_error(std::string(what) + ": the shm communicator of group '" + label_ + "' (rank " +
+                             std::to_string(rank_) + ") belongs to thread " + std::to_string(owner) + ", but thread " +
+                             std::to_string(me) + " called it. The ranks pair collectives by their order, so a group "
+                             "is used by one thread: the one that made it, or the one that called "
+                             "tp.bind_to_current_thread()");
+  std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    // Two threads of this rank are in collectives of the group at once; the peers may have paired them the
+    // other way round. The call in progress holds the lock (and broken_), so only the segment is marked:
+    // that call, and every rank's next, raise.
+    const std::string why = "threads " + std::to_string(me) + " and another one called collectives of group '" +
+                            label_ + "' at the same time on rank " + std::to_string(rank_);
+    publish_poison(why);
+    throw std::runtime_error(std::string(what) + ": " + why + "; the ranks pair collectives by their order, so "
+                             "this is never safe; the communicator is unusable until the group is made again");
+  }
+  check_usable(what);
+  return lock;
+}
+
+template <typename Body>
+void ShmCommunicator::run_collective(const char* what, Body&& body) {
+  try {
+    body();
+  } catch (const MismatchedCall&) {
+    throw;  // raised alike on every rank at the same seq: still in step
+  } catch (const std::exception& e) {
+    if (broken_.empty()) poison(std::string(what) + " failed part-way: " + e.what());
+    throw;
+  } catch (...) {
+    if (broken_.empty()) poison(std::string(what) + " failed part-way");
+    throw;
+  }
+  // A peer that failed during this call (after this rank read what it needed) failed the call as a whole.
+  if (poisoned_by() >= 0) raise_poisoned(what);
+}
+
+void ShmCommunicator::check_interrupt(std::chrono::steady_clock::time_point& last_check, uint64_t seq,
+                                      const char* phase) {
+  const auto now = std::chrono::steady_clock::now();
+  if (now - last_check < std::chrono::milliseconds(kInterruptCheckMs)) return;
+  last_check = now;
+  const InterruptCheck check = interrupt_check_fn().load(std::memory_order_relaxed);
+  if (check == nullptr) return;
+  try {
+    check();
+  } catch (...) {
+    poison("interrupted by a signal (e.g. Ctrl-C) while waiting in " + std::string(phase) +
+           (seq ? " of collective #" + std::to_string(seq) : std::string()));
+    throw;
+  }
 }
 
 ShmCommunicator::Algo ShmCommunicator::choose_algo(uint64_t total_bytes) const {
@@ -369,8 +508,14 @@ void ShmCommunicator::arrive(const Call& call, const void* src, uint64_t bytes, 
   copy_bytes(mine_slot + own_hi, in + own_hi, bytes - own_hi, non_temporal);
   if (non_temporal) streaming_fence();  // non-temporal stores are not ordered by the release store below
   RankControl& mine = control_[rank_];
-  mine.calls[seq & 1] = CallRecord{seq, call.total_bytes, call.hidden, static_cast<uint32_t>(call.op),
-                                   static_cast<uint32_t>(call.algo), static_cast<uint32_t>(call.dtype), 0};
+  mine.calls[seq & 1] = CallRecord{seq,
+                                   call.total_bytes,
+                                   call.hidden,
+                                   call.eps,
+                                   static_cast<uint32_t>(call.op),
+                                   static_cast<uint32_t>(call.algo),
+                                   static_cast<uint32_t>(call.dtype),
+                                   0};
   mine.arrived.store(seq, std::memory_order_release);  // matches the acquire in wait_for (peers' arrive phase)
   wait_for(false, "arrive");
   check_calls_match(call);
@@ -383,6 +528,7 @@ void ShmCommunicator::wait_for(bool reduced_flag, const char* phase) {
   };
   int next = rank_ == 0 ? 1 : 0;  // ranks before `next` (other than this one) have been seen
   const auto start = std::chrono::steady_clock::now();
+  auto last_interrupt_check = start;
   for (uint32_t polls = 1;; ++polls) {
     while (next < world_size_ && (next == rank_ || flag(next).load(std::memory_order_acquire) >= seq)) ++next;
     if (next >= world_size_) return;
@@ -390,12 +536,16 @@ void ShmCommunicator::wait_for(bool reduced_flag, const char* phase) {
       TPK_CPU_RELAX();
       continue;
     }
+    // a peer that failed will not arrive: raise now, naming it, instead of at the timeout
+    if (poisoned_by() >= 0)
+      raise_poisoned("collective #" + std::to_string(seq) + " (phase '" + phase + "')");
     const double waited_us =
         std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
     if (waited_us < kSpinUs) {
       TPK_CPU_RELAX();
       continue;
     }
+    check_interrupt(last_interrupt_check, seq, phase);
     if (waited_us < kYieldUs) {
       sched_yield();
       continue;
@@ -425,7 +575,7 @@ std::string ShmCommunicator::describe(int rank, uint64_t seq) const {
   s << "rank " << rank << ": "
     << (c.op == static_cast<uint32_t>(Op::kAllReduce) ? "all_reduce" : "allreduce_residual_rmsnorm") << " of "
     << c.total_bytes << " bytes of " << dtype_name(static_cast<DType>(c.dtype));
-  if (c.hidden) s << ", hidden " << c.hidden;
+  if (c.hidden) s << ", hidden " << c.hidden << ", eps " << c.eps;
   s << ", " << (c.algo == static_cast<uint32_t>(Algo::kOneShot) ? "one-shot" : "two-shot");
   return s.str();
 }
@@ -438,7 +588,9 @@ void ShmCommunicator::check_calls_match(const Call& call) {
     if (c.seq != seq)  // cannot happen while every rank follows the protocol: the ranks' states diverged
       fail("rank " + std::to_string(r) + " published collective #" + std::to_string(c.seq) + " where this rank is at #" +
            std::to_string(seq) + "; the ranks are out of step");
+    // eps compared as bits: a different eps on one rank would normalize its rows differently
     mismatch |= c.total_bytes != call.total_bytes || c.hidden != call.hidden ||
+                std::memcmp(&c.eps, &call.eps, sizeof(double)) != 0 ||
                 c.op != static_cast<uint32_t>(call.op) || c.algo != static_cast<uint32_t>(call.algo) ||
                 c.dtype != static_cast<uint32_t>(call.dtype);
   }
@@ -447,17 +599,16 @@ void ShmCommunicator::check_calls_match(const Call& call) {
   // step: the communicator remains usable for the next (matching) call.
   std::string table;
   for (int r = 0; r < world_size_; ++r) table += "\n  " + describe(r, seq);
-  throw std::runtime_error("tp_kernels shm communicator of group '" + label_ + "' (rank " + std::to_string(rank_) +
-                           "): mismatched collective #" + std::to_string(seq) +
-                           ": every rank must make the same call with the same size and dtype;" + table);
+  throw MismatchedCall("tp_kernels shm communicator of group '" + label_ + "' (rank " + std::to_string(rank_) +
+                       "): mismatched collective #" + std::to_string(seq) +
+                       ": every rank must make the same call with the same size, dtype (and eps);" + table);
 }
 
 // ------------------------------------------------------------------------------------------------------
 // collectives
 // ------------------------------------------------------------------------------------------------------
 at::Tensor ShmCommunicator::all_reduce(const at::Tensor& x, std::optional<at::Tensor> out_arg) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_usable("all_reduce");
+  auto lock = enter("all_reduce");
   check_cpu_contiguous(x, "x");
   const DType dtype = to_dtype(x.scalar_type(), "x");
   at::Tensor out = out_arg.has_value() ? *out_arg : at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -469,14 +620,20 @@ at::Tensor ShmCommunicator::all_reduce(const at::Tensor& x, std::optional<at::Te
       throw std::invalid_argument("out must be x itself (in place) or not overlap x");
   }
   const bool in_place = out.numel() > 0 && out.data_ptr() == x.data_ptr();
+  const uint64_t total = static_cast<uint64_t>(x.numel() * dtype_size(dtype));
+  const Call call{Op::kAllReduce, choose_algo(total), dtype, total, 0, 0.0};
+  run_collective("all_reduce", [&] {
+    reduce_steps(call, static_cast<const char*>(x.data_ptr()), static_cast<char*>(out.data_ptr()), x.numel(), in_place);
+  });
+  return out;
+}
+
+void ShmCommunicator::reduce_steps(const Call& call, const char* in, char* result, int64_t n, bool in_place) {
+  const DType dtype = call.dtype;
   const int64_t elem = dtype_size(dtype);
-  const int64_t n = x.numel();
-  const Call call{Op::kAllReduce, choose_algo(static_cast<uint64_t>(n * elem)), dtype, static_cast<uint64_t>(n * elem), 0};
   const int64_t step_elems = slot_bytes_ / elem;
   // Two-shot parts are whole cache lines, so no two ranks write the same line of a slot.
   const int64_t part_align = 64 / elem;
-  const char* in = static_cast<const char*>(x.data_ptr());
-  char* result = static_cast<char*>(out.data_ptr());
   const void* srcs[kMaxRanks];
   // Large messages: the result is written with non-temporal stores, each part copied from the slot that
   // holds it (this rank's own part too), instead of with ordinary stores that read each line first. Not in
@@ -537,7 +694,6 @@ at::Tensor ShmCommunicator::all_reduce(const at::Tensor& x, std::optional<at::Te
     control_[0].non_temporal_classes.store(store_policy_.record(publish_nt, seconds, call.total_bytes),
                                            std::memory_order_relaxed);
   }
-  return out;
 }
 
 void ShmCommunicator::reduce_streaming_both(DType dtype, const void* const* srcs, int64_t n, char* slot_part,
@@ -580,8 +736,7 @@ std::string ShmCommunicator::store_mode() const {
 std::tuple<at::Tensor, at::Tensor> ShmCommunicator::allreduce_residual_rmsnorm(const at::Tensor& x,
                                                                                const at::Tensor& residual,
                                                                                const at::Tensor& weight, double eps) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_usable("allreduce_residual_rmsnorm");
+  auto lock = enter("allreduce_residual_rmsnorm");
   check_cpu_contiguous(x, "x");
   check_cpu_contiguous(residual, "residual");
   check_cpu_contiguous(weight, "weight");
@@ -595,26 +750,38 @@ std::tuple<at::Tensor, at::Tensor> ShmCommunicator::allreduce_residual_rmsnorm(c
   if (!(eps > 0)) throw std::invalid_argument("eps must be > 0, got " + std::to_string(eps));
   const int64_t elem = dtype_size(dtype);
   const int64_t row_bytes = hidden * elem;
-  if (row_bytes > slot_bytes_)
-    throw std::invalid_argument("a row of x (" + std::to_string(row_bytes) + " bytes) must fit in a slot (" +
-                                std::to_string(slot_bytes_) + " bytes)");
   at::Tensor normed = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor new_residual = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t n_rows = hidden == 0 ? 0 : x.numel() / hidden;
   const uint64_t total = static_cast<uint64_t>(x.numel() * elem);
-  const Call call{Op::kResidualRmsNorm, choose_algo(total), dtype, total, static_cast<uint64_t>(hidden)};
-  const int64_t rows_per_step = hidden == 0 ? 1 : slot_bytes_ / row_bytes;
-  const char* in = static_cast<const char*>(x.data_ptr());
+  const Call call{Op::kResidualRmsNorm, choose_algo(total), dtype, total, static_cast<uint64_t>(hidden), eps};
   const char* res = static_cast<const char*>(residual.data_ptr());
   char* normed_out = static_cast<char*>(normed.data_ptr());
   char* residual_out = static_cast<char*>(new_residual.data_ptr());
   const float epsf = static_cast<float>(eps);
+  if (row_bytes > slot_bytes_) {
+    // A row wider than a slot cannot be normalized from one step's slots: sum in slot-sized steps as
+    // all_reduce does (under this call's own description, so a peer making another call, or using another
+    // eps, still raises), then add and normalize the reduced rows here.
+    at::Tensor reduced = at::empty_like(x, at::MemoryFormat::Contiguous);
+    run_collective("allreduce_residual_rmsnorm", [&] {
+      reduce_steps(call, static_cast<const char*>(x.data_ptr()), static_cast<char*>(reduced.data_ptr()), x.numel(),
+                   false);
+    });
+    const void* sum = reduced.data_ptr();
+    reduce_residual_rmsnorm(dtype, &sum, 1, x.numel() / hidden, hidden, res, weight.data_ptr(), epsf, normed_out,
+                            residual_out, nullptr);
+    return {normed, new_residual};
+  }
+  const int64_t rows_per_step = hidden == 0 ? 1 : slot_bytes_ / row_bytes;
+  const char* in = static_cast<const char*>(x.data_ptr());
   const void* srcs[kMaxRanks];
   auto epilogue = [&](const void* const* sources, int n_sources, int64_t row0, int64_t rows, void* x_out) {
     const int64_t at = row0 * row_bytes;
     reduce_residual_rmsnorm(dtype, sources, n_sources, rows, hidden, res + at, weight.data_ptr(), epsf,
                             normed_out + at, residual_out + at, x_out);
   };
+  run_collective("allreduce_residual_rmsnorm", [&] {
   int64_t row0 = 0;
   do {
     const int64_t rows = std::min(rows_per_step, n_rows - row0);
@@ -644,6 +811,7 @@ std::tuple<at::Tensor, at::Tensor> ShmCommunicator::allreduce_residual_rmsnorm(c
     }
     row0 += rows;
   } while (row0 < n_rows);
+  });
   return {normed, new_residual};
 }
 

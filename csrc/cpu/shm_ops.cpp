@@ -7,7 +7,7 @@
 // communicator is looked up by name in a table that tp_kernels.distributed keeps in step with the group's
 // chain (register_shm_group: when the group is made, and on entering and leaving tp.use_backend), so a
 // group appears here exactly while the chain would pick shm for every dtype handled below. Every other
-// case (another backend, backend="torch", a bad argument, a row larger than a slot) goes to the Python
+// case (another backend, backend="torch", a bad argument) goes to the Python
 // implementation (set_cpu_collective_fallbacks), which holds the chain, the argument checks and their
 // error messages; so the C++ side only has to recognize the plain case.
 #include <torch/extension.h>
@@ -92,14 +92,13 @@ void all_reduce_inplace_cpu(at::Tensor& x, c10::string_view group, c10::string_v
 std::tuple<at::Tensor, at::Tensor> allreduce_residual_rmsnorm_cpu(const at::Tensor& x, const at::Tensor& residual,
                                                                   const at::Tensor& weight, double eps,
                                                                   c10::string_view group) {
-  // The plain case only: anything the Python checks would reject, or the communicator would serve
-  // unfused, is left to the Python implementation so that both paths raise and warn alike.
+  // The plain case only: anything the Python checks would reject is left to the Python implementation so
+  // that both paths raise alike.
   const bool plain = shm_dtype(x) && x.dim() >= 1 && residual.device().is_cpu() && weight.device().is_cpu() &&
                      residual.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type() &&
                      residual.sizes() == x.sizes() && weight.dim() == 1 && weight.size(0) == x.size(-1) && eps > 0;
   if (plain) {
-    auto comm = find_shm_group(group);
-    if (comm && x.size(-1) * x.element_size() <= comm->slot_bytes())
+    if (auto comm = find_shm_group(group))
       return comm->allreduce_residual_rmsnorm(x.contiguous(), residual.contiguous(), weight.contiguous(), eps);
   }
   py::gil_scoped_acquire gil;

@@ -31,7 +31,9 @@ from tp_kernels.comm.symmetric import SymmetricBuffer, SymmetricBufferError  # n
 from tp_kernels.kernels import gemm_collective  # noqa: E402
 
 TIMEOUT_S = 120.0  # the parity tests: generous, 4 interpreted ranks on 2 loaded cores
-SHORT_TIMEOUT_S = 1.0  # the fault tests
+# The fault tests. A present rank must always publish within it, also when 4 interpreted ranks share 2
+# loaded cores: at 1 s a present rank 2 was once named in place of the absent rank 3 (load average 9).
+SHORT_TIMEOUT_S = 4.0
 
 
 def _run_cases_rank(tp, cases, timeout_s):

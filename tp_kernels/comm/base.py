@@ -95,6 +95,14 @@ class Communicator(abc.ABC):
         fuse the residual add and the norm into the reduction override this."""
         return torch.ops.tp_kernels.add_rmsnorm(self.all_reduce(x), residual, weight, eps)
 
+    def bind_thread(self, thread: int) -> None:
+        """Serve collectives from `thread` (threading.get_ident()) from now on. Backends that check which
+        thread calls them (the shm communicator, whose C++ kernels are called without Python) override
+        this and allow_helper_thread; TPGroup checks the others."""
+
+    def allow_helper_thread(self, thread: int) -> None:
+        """Also serve collectives from `thread`, the group's communication thread (tp_kernels.comm.thread)."""
+
     @property
     def native_cpu_communicator(self):
         """The compiled communicator that the C++ CPU kernels of the collective ops may call without Python

@@ -31,7 +31,7 @@ import secrets
 import stat
 import weakref
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -183,6 +183,13 @@ def open_invitation(invitation: Invitation) -> Segment:
     return Segment(fd, invitation.size, address)
 
 
+def gather_failures(process_group: dist.ProcessGroup, error: Optional[str]) -> Dict[int, str]:
+    """Collective: {rank: error} of the ranks whose `error` is not None, the same on every rank."""
+    errors: List[Optional[str]] = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(errors, error, group=process_group)
+    return {r: e for r, e in enumerate(errors) if e is not None}
+
+
 def share(process_group: dist.ProcessGroup, rank: int, size: int, label: str, root: int = 0,
           keep_fd: bool = False) -> Segment:
     """Collective over process_group (gloo: it sends Python objects): rank `root` creates a segment of
@@ -207,11 +214,8 @@ def share(process_group: dist.ProcessGroup, rank: int, size: int, label: str, ro
             error = str(e)
     elif rank != root:
         error = f"rank {root} could not create the segment"
-    world_size = dist.get_world_size(process_group)
-    errors: List[Optional[str]] = [None] * world_size
     # every rank has mapped (or failed) before this returns: the root's descriptor may be closed after it
-    dist.all_gather_object(errors, error, group=process_group)
-    failed = {r: e for r, e in enumerate(errors) if e is not None}
+    failed = gather_failures(process_group, error)
     if failed:
         if segment is not None:
             segment.close()

@@ -1,9 +1,12 @@
 """The shared-memory all-reduce for CPU tensors of ranks that share a host (C++: csrc/cpu/shm_comm.h).
 
-Setup is collective over the group: rank 0 creates a segment under a random name (mode 0600) and
-broadcasts the name over the group's gloo process group, every rank maps it, and rank 0 unlinks it as
-soon as all have, so nothing is left in /dev/shm whatever way the processes end. Whether the ranks share
-a host is decided from their hostnames and kernel boot ids, gathered over the same group.
+Setup is collective over the group: rank 0 makes the segment with tp_kernels.comm.segment (an unnamed
+memfd, mode 0600, sealed against resizing, opened by the others through /proc/<pid>/fd after checking
+its owner, mode, size, seals and a random secret sent over the group's gloo process group), every rank
+hands its descriptor to the C++ communicator, which checks it again and maps it, and every descriptor is
+closed. Nothing is ever named in /dev/shm, so nothing can be planted there and nothing is left behind,
+whatever way the processes end and at whatever moment of setup. Whether the ranks share a host is decided
+from their hostnames and kernel boot ids, gathered over the same group.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from tp_kernels._extension import _C
+from tp_kernels.comm import segment
 from tp_kernels.comm.base import Communicator, comm_timeout_s
 
 if TYPE_CHECKING:
@@ -76,26 +80,26 @@ class ShmCommunicator(Communicator):
         if _C is None:
             raise RuntimeError("the shm communicator needs the compiled extension tp_kernels._C")
         timeout_s = comm_timeout_s() if timeout_s is None else timeout_s
-        group_rank0 = dist.get_global_rank(process_group, 0)
-        if rank == 0:
-            native = _C.ShmCommunicator.create(world_size, slot_bytes, timeout_s, label)
-            names: List[Optional[str]] = [native.name]
-        else:
-            names = [None]
+        size = _C.ShmCommunicator.segment_bytes(world_size, slot_bytes)  # checks world_size and slot_bytes
+        shared = segment.share(process_group, rank, size, f"shm:{label}", keep_fd=True)
+        native, error = None, None
         try:
-            dist.broadcast_object_list(names, src=group_rank0, group=process_group)
-        except BaseException:
-            if rank == 0:
-                native.close()  # unlinks the name, which no other rank will ask for
-            raise
-        if rank != 0:
-            native = _C.ShmCommunicator.attach(names[0], rank, world_size, timeout_s, label)
-        native.finish_setup()
+            native = _C.ShmCommunicator.map_fd(shared.fd, segment.HEADER_BYTES, rank, world_size, slot_bytes,
+                                               timeout_s, label)
+        except (RuntimeError, ValueError) as e:
+            error = str(e)
+        finally:
+            shared.close()  # the descriptor and Python's mapping; the communicator holds its own mapping
+        failed = segment.gather_failures(process_group, error)  # every rank has mapped (or failed)
+        if failed:
+            if native is not None:
+                native.close()
+            raise RuntimeError(f"shm communicator of group {label!r}: " +
+                               "; ".join(f"rank {r}: {e}" for r, e in sorted(failed.items())))
+        native.finish_setup()  # rank 0 marks it ready, the others check rank 0's header
         native.one_shot_max_bytes = DEFAULT_ONE_SHOT_MAX_BYTES
         self._native = native
-        self.segment_name = native.name
         self.world_size = world_size
-        self._warned_unfused = False
 
     @classmethod
     def for_group(cls, tp: "TPGroup") -> Optional["ShmCommunicator"]:
@@ -138,17 +142,17 @@ class ShmCommunicator(Communicator):
     def allreduce_residual_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                    eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
         """add_rmsnorm(all_reduce(x), residual, weight, eps) with the residual add and the norm done in the
-        same pass over the reduced rows; returns (normed, new_residual). A row larger than a slot cannot be
-        normalized from one step, so it takes the unfused path (with a warning, once)."""
-        if x.dim() >= 1 and x.shape[-1] * x.element_size() > self.slot_bytes:
-            if not self._warned_unfused:
-                self._warned_unfused = True
-                log.warning("shm allreduce_residual_rmsnorm: rows of %d bytes exceed the %d-byte slot; using the "
-                            "unfused all_reduce + add_rmsnorm for them", x.shape[-1] * x.element_size(),
-                            self.slot_bytes)
-            return super().allreduce_residual_rmsnorm(x, residual, weight, eps)
+        same pass over the reduced rows; returns (normed, new_residual). Rows larger than a slot are summed
+        in slot-sized steps first and normalized after (two passes). Either way every step carries the op,
+        the row length and eps, so a rank making another call, or using another eps, raises on every rank."""
         return self._native.allreduce_residual_rmsnorm(x.contiguous(), residual.contiguous(), weight.contiguous(),
                                                        float(eps))
+
+    def bind_thread(self, thread: int) -> None:
+        self._native.bind_thread(thread)
+
+    def allow_helper_thread(self, thread: int) -> None:
+        self._native.allow_helper_thread(thread)
 
     def close(self) -> None:
         self._native.close()
@@ -170,6 +174,16 @@ class ShmCommunicator(Communicator):
     @property
     def slot_bytes(self) -> int:
         return self._native.slot_bytes
+
+    @property
+    def segment_id(self) -> int:
+        """A random number drawn for the segment: equal on the ranks that share it."""
+        return self._native.segment_id
+
+    @property
+    def poisoned_by(self) -> int:
+        """The rank whose failure made the communicator unusable (until the group is made again), or -1."""
+        return self._native.poisoned_by
 
     @property
     def sequence(self) -> int:

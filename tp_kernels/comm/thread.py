@@ -9,9 +9,13 @@ thread or by the group's communication thread, never by both at the same time. A
 chunks and waits for every one of them (also when it fails part-way) before it returns, so no
 collective of the group is still running on this thread when the calling thread issues its next one.
 Torch's GEMMs and gloo's collectives release the GIL, which is what lets the two threads run at once.
+The thread registers itself with the group when it starts (TPGroup._allow_comm_thread), as the one thread
+besides the group's owner that may issue its collectives; the shm communicator raises if the two ever
+overlap.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, List, Sequence
@@ -27,10 +31,17 @@ def for_group(tp: "TPGroup") -> ThreadPoolExecutor:
     when the TPGroup is garbage-collected."""
     executor = _THREADS.get(tp)
     if executor is None:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tp_kernels-comm-{tp.name}")
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tp_kernels-comm-{tp.name}",
+                                      initializer=_register, initargs=(weakref.ref(tp),))
         _THREADS[tp] = executor
         weakref.finalize(tp, executor.shutdown, wait=False)
     return executor
+
+
+def _register(tp_ref: "weakref.ref[TPGroup]") -> None:
+    tp = tp_ref()
+    if tp is not None:
+        tp._allow_comm_thread(threading.get_ident())
 
 
 def submit(tp: "TPGroup", fn: Callable, *args) -> Future:

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from tp_kernels.distributed import TPGroup
 from tp_kernels.layers.linear import ColumnParallelLinear
-from tp_kernels.layers.sharding import check_tp, copy_into, divide, expect_shape, rows_of
+from tp_kernels.layers.sharding import check_size, check_tp, copy_into, divide, expect_shape, rows_of
 
 
 def heads_of_rank(n_heads: int, tp: TPGroup, what: str, count_name: str = "n_heads") -> Tuple[int, int]:
@@ -47,9 +47,8 @@ class HeadParallelLinear(ColumnParallelLinear):
     def __init__(self, in_features: int, head_dim: int, n_heads: int, bias: bool, tp: TPGroup, *,
                  dtype: Optional[torch.dtype] = None, device=None, what: str = "HeadParallelLinear"):
         tp = check_tp(tp)
-        if head_dim < 1 or n_heads < 1:
-            raise ValueError(f"{what}: head_dim and n_heads must be >= 1, got {head_dim}, {n_heads}")
-        self.head_dim, self.n_heads = head_dim, n_heads
+        self.head_dim = check_size(f"{what}: head_dim", head_dim)
+        self.n_heads = check_size(f"{what}: n_heads", n_heads)
         self.head_start, self.n_heads_per_rank = heads_of_rank(n_heads, tp, what)
         # The base class splits out_features evenly across ranks; with replication the per-rank size is
         # fixed by the heads instead, so build on the size that gives it and set the true full size after.
@@ -89,6 +88,9 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden_size: int, head_dim: int, n_heads: int, n_kv_heads: int, bias: bool, tp: TPGroup,
                  *, dtype: Optional[torch.dtype] = None, device=None):
         tp = check_tp(tp)
+        for name, value in (("hidden_size", hidden_size), ("head_dim", head_dim), ("n_heads", n_heads),
+                            ("n_kv_heads", n_kv_heads)):
+            check_size(f"QKVParallelLinear: {name}", value)
         self.head_dim, self.n_heads, self.n_kv_heads = head_dim, n_heads, n_kv_heads
         self.n_heads_per_rank = divide(n_heads, tp.world_size, f"n_heads ({n_heads}) across tp={tp.world_size} ranks")
         divide(n_heads, n_kv_heads, f"n_heads ({n_heads}) into groups of n_kv_heads ({n_kv_heads})")

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from tp_kernels import ops
 from tp_kernels.comm import symmetric
 from tp_kernels.distributed import TPGroup
-from tp_kernels.layers.sharding import (check_input, check_sequence_split, check_tp, cols_of, copy_into, divide,
-                                        expect_shape, init_linear_, rows_of)
+from tp_kernels.layers.sharding import (check_input, check_sequence_split, check_size, check_tp, cols_of, copy_into,
+                                        divide, expect_shape, init_linear_, rows_of)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -36,7 +36,8 @@ class ColumnParallelLinear(nn.Module):
                  chunks: Optional[int] = None):
         super().__init__()
         self.tp = check_tp(tp)
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features = check_size("in_features", in_features)
+        self.out_features = check_size("out_features", out_features)
         self.out_features_per_rank = divide(out_features, tp.world_size,
                                             f"out_features ({out_features}) across tp={tp.world_size} ranks")
         self.gather_output = gather_output
@@ -101,9 +102,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, in_features: int, out_features: Sequence[int], bias: bool, tp: TPGroup,
                  *, dtype: Optional[torch.dtype] = None, device=None):
         tp = check_tp(tp)
-        self.part_out_features = [int(n) for n in out_features]
-        if not self.part_out_features:
-            raise ValueError("out_features must list at least one output size")
+        if isinstance(out_features, (int, str)) or not len(out_features):
+            raise ValueError(f"out_features must list at least one output size, got {out_features!r}")
+        self.part_out_features = [check_size(f"out_features[{i}]", n) for i, n in enumerate(out_features)]
         self.part_out_features_per_rank = [
             divide(n, tp.world_size, f"out_features[{i}] ({n}) across tp={tp.world_size} ranks")
             for i, n in enumerate(self.part_out_features)]
@@ -194,7 +195,8 @@ class RowParallelLinear(nn.Module):
                  sequence_parallel: bool = False):
         super().__init__()
         self.tp = check_tp(tp)
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features = check_size("in_features", in_features)
+        self.out_features = check_size("out_features", out_features)
         self.in_features_per_rank = divide(in_features, tp.world_size,
                                            f"in_features ({in_features}) across tp={tp.world_size} ranks")
         self.input_is_parallel = input_is_parallel

@@ -4,12 +4,25 @@ and the checks of the group and of the input."""
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from tp_kernels.distributed import TPGroup
+
+
+def check_size(name: str, value) -> int:
+    """value as an int, which must be a positive integer (a layer of zero or negative width would build
+    and then compute nothing, or fail much later)."""
+    try:
+        size = operator.index(value)  # ints and integer-like (numpy) values, not floats
+    except TypeError:
+        size = None
+    if isinstance(value, bool) or size is None or size < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return size
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from tp_kernels import ops
 from tp_kernels.distributed import TPGroup
-from tp_kernels.layers.sharding import check_input, check_tp, expect_shape, init_linear_, rows_of
+from tp_kernels.layers.sharding import check_input, check_size, check_tp, expect_shape, init_linear_, rows_of
 
 
 class _VocabShard(nn.Module):
@@ -19,9 +19,7 @@ class _VocabShard(nn.Module):
     def __init__(self, vocab_size: int, dim: int, tp: TPGroup, dtype, device):
         super().__init__()
         self.tp = check_tp(tp)
-        if vocab_size < 1 or dim < 1:
-            raise ValueError(f"vocab_size and dim must be >= 1, got {vocab_size}, {dim}")
-        self.vocab_size, self.dim = vocab_size, dim
+        self.vocab_size, self.dim = check_size("vocab_size", vocab_size), check_size("dim", dim)
         self.vocab_size_per_rank = -(-vocab_size // tp.world_size)  # ceil
         self.vocab_size_padded = self.vocab_size_per_rank * tp.world_size
         self.vocab_start = tp.rank * self.vocab_size_per_rank
@@ -70,7 +68,11 @@ class VocabParallelEmbedding(_VocabShard):
             raise ValueError(f"VocabParallelEmbedding: ids must be int32 or int64, got {ids.dtype}")
         if ids.device != self.weight.device:
             raise ValueError(f"VocabParallelEmbedding: ids are on {ids.device} but the weight is on {self.weight.device}")
-        if ids.device.type == "cpu" and not torch.compiler.is_compiling() and ids.numel():
+        if ids.device.type == "cpu" and torch.compiler.is_compiling():
+            # a traced graph cannot raise from values; this check runs inside the compiled code (RuntimeError)
+            torch._assert_async(((ids >= 0) & (ids < self.vocab_size)).all(),
+                                f"VocabParallelEmbedding: ids must be in [0, {self.vocab_size})")
+        elif ids.device.type == "cpu" and ids.numel():
             lo, hi = int(ids.min()), int(ids.max())  # free on CPU; on GPU it would cost a sync per step
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"VocabParallelEmbedding: ids must be in [0, {self.vocab_size}), got [{lo}, {hi}]")

@@ -1,13 +1,14 @@
 """Argument checks shared by the fake, CPU and CUDA implementations of the ops, so a bad call fails the
 same way in eager mode, under torch.compile and on every device: a ValueError naming the argument and
-what was expected."""
+what was expected. `check_positions` reads values, so only the CPU kernels call it (on a GPU it would
+cost a device sync per call; the Triton kernel's contract for out-of-range indices is in its docstring)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
 
-from tp_kernels.reference import ROPE_STYLES
+from tp_kernels.reference import ROPE_STYLES, SKIP_POSITION
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -66,6 +67,32 @@ def check_qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: Optional[torch.T
                              f"got {rotary_dim}")
         if cos_sin_cache.device != x.device:
             raise ValueError(f"cos_sin_cache must be on {x.device}, got {cos_sin_cache.device}")
+    if cos_sin_cache is not None:
+        check_dtype("cos_sin_cache", cos_sin_cache)  # an integer table would truncate every cos and sin
+
+
+def check_positions(positions: torch.Tensor, cos_sin_cache: Optional[torch.Tensor]) -> None:
+    """Values of positions: >= 0, or SKIP_POSITION (-1, a padding token), and inside cos_sin_cache's rows
+    when there is a table to index (a negative index would silently read a row from its end)."""
+    if positions.numel() == 0:
+        return
+    real = positions[positions != SKIP_POSITION]
+    if real.numel() == 0:
+        return
+    lo, hi = int(real.min()), int(real.max())
+    bound = cos_sin_cache.shape[0] if cos_sin_cache is not None else None
+    if lo < 0 or (bound is not None and hi >= bound):
+        allowed = f"[0, {bound})" if bound is not None else ">= 0"
+        raise ValueError(f"positions must be {allowed} (the rows of cos_sin_cache), or {SKIP_POSITION} for a padding "
+                         f"token, got values in [{lo}, {hi}]")
+
+
+def check_all_gather(x: torch.Tensor, dim: int) -> None:
+    if x.dim() < 1:
+        raise ValueError("all_gather: x must have at least one dimension to gather along, got a 0-D tensor")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"all_gather: dim must be in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, "
+                         f"got {dim}")
 
 
 def check_kv_cache(x: torch.Tensor, positions: torch.Tensor, cache_batch_index: torch.Tensor,

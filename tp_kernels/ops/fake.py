@@ -62,6 +62,7 @@ def _all_reduce_inplace_fake(x, group, backend="auto"):
 def _all_gather_fake(x, group, dim):
     from tp_kernels.distributed import resolve
 
+    checks.check_all_gather(x, dim)
     shape = list(x.shape)
     shape[dim] *= resolve(group).world_size
     return x.new_empty(shape)

@@ -20,6 +20,7 @@ def _qkv_rope(x, w_qkv, b_qkv, cos_sin_cache, positions, n_heads_per_rank, n_kv_
               rope_style):
     checks.check_qkv_rope(x, w_qkv, b_qkv, cos_sin_cache, positions, n_heads_per_rank, n_kv_heads_per_rank,
                           head_dim, rope_style)
+    checks.check_positions(positions, cos_sin_cache if rope_style != "none" else None)
     return reference.qkv_rope(x, w_qkv, b_qkv, cos_sin_cache, positions, n_heads_per_rank, n_kv_heads_per_rank,
                               head_dim, rope_style)
 
@@ -42,7 +43,8 @@ def _all_reduce_inplace(x, group, backend="auto"):
 
 
 def _all_gather(x, group, dim):
-    return resolve(group).all_gather(x.contiguous(), dim % max(x.dim(), 1))
+    checks.check_all_gather(x, dim)
+    return resolve(group).all_gather(x.contiguous(), dim % x.dim())
 
 
 def _allreduce_residual_rmsnorm(x, residual, weight, eps, group):

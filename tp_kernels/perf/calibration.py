@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
+import stat
 import statistics
 import tempfile
 import time
@@ -45,6 +47,20 @@ _SMALL_ELEMS, _LARGE_ELEMS = 256, 256 * 1024
 _REPEATS = 5
 _FIELDS = ("tflops_bf16", "tflops_fp32", "hbm_gbps", "link_gbps", "link_latency_us", "launch_overhead_us",
            "overlap_efficiency")
+# The cache is read by rank 0 alone and trusted only when it is a regular file of this user (no symlink,
+# FIFO or device: opened with O_NOFOLLOW | O_NONBLOCK, read to at most CACHE_MAX_BYTES) holding every figure
+# as a finite number in its range (no NaN, inf, zero, negative, boolean or huge value). Anything else is a
+# warning and a fresh calibration, never an exception on rank 0 alone: what rank 0 decides reaches the
+# other ranks in the same collective, so the ranks cannot diverge.
+# A cache file is ~300 bytes; anything much larger is not one (and /dev/zero would never end).
+CACHE_MAX_BYTES = 64 << 10
+# (lowest, highest) of each figure, lowest excluded except where marked: every rate and time is > 0 (the
+# cost model divides by rates; zero raised ZeroDivisionError), 1e15 is far above any machine yet keeps the
+# model's arithmetic finite; overlap_efficiency is a fraction in [0, 1].
+_UPPER = 1e15
+_RANGES = {name: (0.0, _UPPER) for name in _FIELDS}
+_RANGES["overlap_efficiency"] = (0.0, 1.0)
+_ZERO_ALLOWED = {"overlap_efficiency"}
 
 
 def cache_dir() -> str:
@@ -150,13 +166,79 @@ def _measure(tp: TPGroup) -> Dict[str, float]:
             "overlap_efficiency": efficiency}
 
 
-def _read_cache(path: str) -> Optional[Dict[str, float]]:
+def figures_problem(figures) -> Optional[str]:
+    """Why figures (parsed JSON) are not a calibration, or None: a dict with every field of _FIELDS a
+    finite int or float (not bool) within its range."""
+    if not isinstance(figures, dict):
+        return f"holds a {type(figures).__name__}, not an object of figures"
+    for name in _FIELDS:
+        if name not in figures:
+            return f"has no {name!r}"
+        value = figures[name]
+        if type(value) not in (int, float):  # bool is an int subclass: excluded by the exact type
+            return f"has {name} = {value!r}, not a number"
+        low, high = _RANGES[name]
+        # compared as given: float() of a huge int would raise OverflowError
+        if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high or (
+                value == low and name not in _ZERO_ALLOWED):
+            bounds = f"[{low:g}, {high:g}]" if name in _ZERO_ALLOWED else f"({low:g}, {high:g}]"
+            shown = value if isinstance(value, float) or abs(value) < _UPPER else f"an int of {len(str(value))} digits"
+            return f"has {name} = {shown}, outside {bounds}"
+    return None
+
+
+def _read_bounded(path: str) -> Optional[bytes]:
+    """The bytes of path if it is a regular file of this user of at most CACHE_MAX_BYTES; None if it does not
+    exist; raises ValueError saying why otherwise."""
     try:
-        with open(path) as f:
-            figures = json.load(f)
-        return {name: float(figures[name]) for name in _FIELDS}
-    except (OSError, ValueError, KeyError, TypeError):
+        # O_NOFOLLOW: a symlink fails with ELOOP; O_NONBLOCK: opening a FIFO does not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        raise ValueError(f"cannot be opened as a regular file ({e.strerror}; symlinks are refused)") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"is not a regular file (mode {oct(st.st_mode)})")
+        if st.st_uid != os.geteuid():
+            raise ValueError(f"belongs to uid {st.st_uid}, not to this user ({os.geteuid()})")
+        chunks, size = [], 0
+        while size <= CACHE_MAX_BYTES:
+            chunk = os.read(fd, CACHE_MAX_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > CACHE_MAX_BYTES:
+            raise ValueError(f"is larger than {CACHE_MAX_BYTES} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"holds {name}")  # json's NaN / Infinity / -Infinity literals
+
+
+def _read_cache(path: str) -> Optional[Dict[str, float]]:
+    """Rank 0's cached figures, or None: when there is no cache, or (with a warning saying why) when it is
+    not a regular file of this user or does not hold a valid calibration. Never raises: rank 0 must reach
+    the collective that tells the other ranks what it decided."""
+    try:
+        data = _read_bounded(path)
+        if data is None:
+            return None
+        figures = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        problem = figures_problem(figures)
+    except (ValueError, UnicodeDecodeError, RecursionError, OSError) as e:
+        problem = str(e)
+    except Exception as e:  # noqa: BLE001  (anything at all: warned, and calibrated afresh, on every rank)
+        problem = f"could not be read ({type(e).__name__}: {e})"
+    if problem is not None:
+        log.warning("tp_kernels: ignoring the calibration cache %s: it %s; calibrating afresh", path, problem)
+        return None
+    return {name: float(figures[name]) for name in _FIELDS}
 
 
 def _write_cache(path: str, figures: Dict[str, float]) -> None:
@@ -190,6 +272,9 @@ def calibrate_cpu(tp: TPGroup, force: bool = False) -> cost_model.Hardware:
         mine = _measure(tp)
         mean = tp.all_reduce(torch.tensor([mine[name] for name in _FIELDS], dtype=torch.float64)) / tp.world_size
         figures = dict(zip(_FIELDS, mean.tolist()))
+        problem = figures_problem(figures)
+        if problem is not None:  # the same on every rank: the mean is the same bits everywhere
+            raise RuntimeError(f"calibration of group {tp.name} measured figures that no model can use: it {problem}")
         if tp.rank == 0:
             _write_cache(path, figures)
         source = (f"calibrated on {socket.gethostname()} at {time.strftime('%Y-%m-%d %H:%M:%S')} "
