@@ -115,8 +115,9 @@ def _row_decode_rank(tp, lin, x):
         with torch.no_grad():
             y_no_grad = layer(x)
         no_grad_calls = len(calls)
-        y_grad = layer(x)
-        y_grad.sum().backward()
+        with torch.enable_grad():  # spawn_ranks runs rank functions under no_grad
+            y_grad = layer(x)
+            y_grad.sum().backward()
     finally:
         linear.ops.gemm_allreduce = original
     return y_no_grad, no_grad_calls, y_grad.detach(), len(calls) - no_grad_calls, layer.weight.grad is not None
