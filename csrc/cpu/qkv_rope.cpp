@@ -56,6 +56,14 @@ void check_dim(const char* name, const at::Tensor& t, int64_t ndim, const char* 
   TORCH_CHECK_VALUE(t.dim() == ndim, name, " must be ", ndim, "-D ", shape_doc, ", got shape ", py_tuple(t.sizes()));
 }
 
+// checks.check_dtype with FLOAT_DTYPES
+void check_float_dtype(const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, name,
+                    " must have dtype in ['torch.float32', 'torch.float16', 'torch.bfloat16', 'torch.float64'], got ",
+                    py_dtype(dtype));
+}
+
 void check_same(const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
                     py_dtype(ref.scalar_type()), "), got ", py_dtype(t.scalar_type()));
@@ -76,10 +84,7 @@ RopeStyle check_qkv_rope_args(const at::Tensor& x, const at::Tensor& w_qkv, cons
                               int64_t n_heads_per_rank, int64_t n_kv_heads_per_rank, int64_t head_dim,
                               c10::string_view rope_style) {
   check_dim("x", x, 2, "(T, hidden)");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-                    "x must have dtype in ['torch.float32', 'torch.float16', 'torch.bfloat16', 'torch.float64'], "
-                    "got ", py_dtype(dtype));
+  check_float_dtype("x", x);
   check_same("w_qkv", w_qkv, "x", x);
   TORCH_CHECK_VALUE(n_heads_per_rank >= 1 && n_kv_heads_per_rank >= 1 && head_dim >= 1,
                     "n_heads_per_rank, n_kv_heads_per_rank and head_dim must be >= 1, got ", n_heads_per_rank, ", ",
@@ -111,6 +116,7 @@ RopeStyle check_qkv_rope_args(const at::Tensor& x, const at::Tensor& w_qkv, cons
     TORCH_CHECK_VALUE(cos_sin_cache->device() == x.device(), "cos_sin_cache must be on ", x.device(), ", got ",
                       cos_sin_cache->device());
   }
+  if (cos_sin_cache.has_value()) check_float_dtype("cos_sin_cache", *cos_sin_cache);  // ints truncate cos and sin
   return style;
 }
 

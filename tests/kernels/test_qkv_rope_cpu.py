@@ -152,6 +152,7 @@ BAD_QKV = {
     "table 1-D": dict(cos_sin_cache=torch.randn(64)),
     "rotary_dim odd": dict(cos_sin_cache=torch.randn(64, 7)),
     "rotary_dim > head_dim": dict(cos_sin_cache=torch.randn(64, 16)),
+    "integer table": dict(cos_sin_cache=torch.arange(64 * 8).reshape(64, 8)),
 }
 BAD_CACHE = {
     "cache_batch_index 2-D": dict(cache_batch_index=torch.zeros(5, 1, dtype=torch.long)),
