@@ -12,7 +12,8 @@ row loads. Batch 1, a 16-token prompt, 48 greedy new tokens per generate call, `
 
 Rows, each in fresh processes (tp_kernels.models.launch.run_on_cpu_ranks):
   roofline       GB/s of a matrix-vector product over 256 MiB of fp32 (bench/decode_roofline.py): one
-                 process on 1 and on 2 threads, and two one-thread processes at once
+                 process on 1 and on 2 threads, and two one-thread processes at once, at the start (the
+                 header); each row below also probes it in its own processes between its rounds
   tp1 eager      ours, one process, 2 threads, tp_kernels.models.generate
   tp1 compiled   the same with generate(compile=True) (torch.compile(fullgraph=True) of the decode step)
   tp2 shm eager  ours, 2 ranks of one thread, collectives forced to the shared-memory backend
@@ -24,9 +25,10 @@ At TP=2 the variants of a rank alternate round by round (interleaved), so a load
 hits them alike. Every row's greedy tokens are compared with "tp1 eager"'s.
 
 Per row: per-token latency (median, p20/p80 over every decode step), tokens/s = 1 / median, the roofline
-in tokens/s = (GB/s a process streams: TP=1 one process on its threads, TP=2 the two-process total / 2)
-/ (bytes a step reads per rank, GPT.decode_bytes_per_rank: the weights less the embedding rows not looked
-up, plus the KV cache) and the fraction of it reached; the calls each all-reduce backend received per
+in tokens/s = (GB/s a rank streams while every rank of the row streams at once, on its own threads: the
+median of probes taken in the row's processes before each timed round and after the last, since the shared
+host's bandwidth moves within minutes) / (bytes a step reads per rank, GPT.decode_bytes_per_rank: the
+weights less the embedding rows not looked up, plus the KV cache) and the fraction of it reached; the calls each all-reduce backend received per
 token; and for our eager rows, from one extra round with timers on (bench/decode_timeline.py): GEMMs,
 qkv_rope (its GEMM + RoPE + cache write), attention, the collectives' own time and the time a rank waited
 in them for the other, sampling, and the rest (Python, dispatch, small ops) = the step less all those.
@@ -153,6 +155,7 @@ def rank_ours(tp, checkpoint: str, prompt: List[int], new_tokens: int, rounds: i
 
     model = GPT.from_pretrained(checkpoint, tp, progress=False)
     out = {v: {"step_s": [], "tokens": None, "calls_per_token": None, "compile_s": 0.0} for v in variants}
+    probes = decode_roofline.RoundProbes(tp)
 
     def run(variant: Variant):
         with forced_backend(tp, variant.backend), counting_backend_calls(tp) as calls:
@@ -164,10 +167,12 @@ def rank_ours(tp, checkpoint: str, prompt: List[int], new_tokens: int, rounds: i
         for variant in variants:  # warm-up; a compiled variant compiles here
             out[variant]["compile_s"] = run(variant)[1].compile_s
         for _ in range(rounds):
+            probes.take()
             for variant in variants:
                 tokens, stats, per_token = run(variant)
                 out[variant]["step_s"] += stats.step_s
                 out[variant]["tokens"], out[variant]["calls_per_token"] = tokens, per_token
+        probes.take()
         for variant in variants:
             if variant.compile:
                 continue
@@ -176,7 +181,7 @@ def rank_ours(tp, checkpoint: str, prompt: List[int], new_tokens: int, rounds: i
             out[variant]["timeline"] = (timeline.steps, timeline.collectives, timeline.step_s)
     kv_len = len(prompt) + new_tokens // 2
     return {"variants": out, "decode_bytes_per_rank": model.decode_bytes_per_rank(kv_len),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "probe_gbps": probes.release()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,12 +203,12 @@ def breakdown(per_rank: List[dict], variant: Variant) -> Dict[str, float]:
     return parts
 
 
-def roofline_tokens_per_s(roofline: dict, world_size: int, threads: int, decode_bytes: int) -> float:
-    if world_size == 1:
-        gbps = roofline["one_process_2_threads" if threads >= 2 else "one_process_1_thread"]
-    else:
-        gbps = roofline["two_processes_total"] / 2
-    return gbps * 1e9 / decode_bytes
+def row_ceiling(per_rank: List[dict], decode_bytes: int) -> tuple:
+    """The row's ceiling in tokens/s (the median of its probes' GB/s per rank over the bytes a step reads per
+    rank) and a note with the probes' spread."""
+    median, lo, hi = decode_roofline.gbps_per_rank([r["probe_gbps"] for r in per_rank])
+    note = f"probes GB/s per rank: {lo:.1f}-{hi:.1f}, median {median:.1f} of {len(per_rank[0]['probe_gbps'])}"
+    return median * 1e9 / decode_bytes, note
 
 
 def step_row(case: str, world_size: int, step_s: List[float], threads: int, decode_bytes: int, ceiling: float,
@@ -253,19 +258,28 @@ def compile_note(row: Row) -> str:
     return f"(compiled: {seconds})" if seconds else ""
 
 
+def ceiling_cell(row: Row) -> str:
+    """'51.3 (11.3-13.1)': the row's ceiling in tokens/s and its probes' range in GB/s per rank."""
+    probes = _note(row, "probes GB/s per rank:").split(",")[0]
+    ceiling = _note(row, "roofline").split()[0]
+    return f"{ceiling} ({probes})" if probes else ceiling
+
+
 def markdown(rows: List[Row], roofline: dict, targets: List[tuple]) -> str:
-    lines = [f"Roofline (matrix-vector product over 256 MiB fp32): one process {roofline['one_process_1_thread']:.1f} "
-             f"GB/s on 1 thread, {roofline['one_process_2_threads']:.1f} GB/s on 2; two processes at once "
-             f"{roofline['two_processes_total']:.1f} GB/s in total "
-             f"({' + '.join(f'{g:.1f}' for g in roofline['two_processes_each'])}).", "",
-             "| row | tokens/s | ms/token, median (p20-p80) | roofline tokens/s | fraction | step breakdown, ms "
-             "| all-reduce calls/token | tokens |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"Roofline probe at the start of the run (matrix-vector product over 256 MiB fp32): one process "
+             f"{roofline['one_process_1_thread']:.1f} GB/s on 1 thread, {roofline['one_process_2_threads']:.1f} GB/s "
+             f"on 2; two processes at once {roofline['two_processes_total']:.1f} GB/s in total "
+             f"({' + '.join(f'{g:.1f}' for g in roofline['two_processes_each'])}). Each row's ceiling comes from "
+             "its own probes instead: in its processes, every rank at once, before each timed round and after "
+             "the last (median; their range per rank in the column).", "",
+             "| row | tokens/s | ms/token, median (p20-p80) | roofline tokens/s (probes, GB/s per rank) | fraction "
+             "| step breakdown, ms | all-reduce calls/token | tokens |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if math.isnan(row.median_us):
             lines.append(f"| {row.case} | {row.notes} | | | | | | |")
             continue
         lines.append(f"| {row.case} | {tokens_per_s(row):.1f} | {row.median_us / 1e3:.1f} "
-                     f"({row.p20_us / 1e3:.1f}-{row.p80_us / 1e3:.1f}) | {_note(row, 'roofline').split()[0]} | "
+                     f"({row.p20_us / 1e3:.1f}-{row.p80_us / 1e3:.1f}) | {ceiling_cell(row)} | "
                      f"{100 * row.ceiling_fraction:.0f}% | {_note(row, 'breakdown ms:') or compile_note(row)} | "
                      f"{_note(row, 'calls/token:')} "
                      f"| {'equal' if 'equal' in row.notes else 'DIFFER' if 'DIFFER' in row.notes else ''} |")
@@ -345,8 +359,8 @@ def main() -> int:
                 result = first["variants"][variant]
                 if reference is None:  # tp1 eager, or the first row there is
                     reference = result["tokens"]
-                ceiling = roofline_tokens_per_s(roofline, world_size, first["threads"], first["decode_bytes_per_rank"])
-                notes = []
+                ceiling, probe_note = row_ceiling(per_rank, first["decode_bytes_per_rank"])
+                notes = [probe_note]
                 if not variant.compile:
                     parts = breakdown(per_rank, variant)
                     notes.append("breakdown ms: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
@@ -374,9 +388,9 @@ def main() -> int:
                 # the roofline of our step at this TP degree (transformers reads the same weights)
                 step_bytes = decode_bytes.get(world_size) or decode_bytes_of(args.preset, world_size,
                                                                             args.prompt_len + args.new_tokens // 2)
-                ceiling = roofline_tokens_per_s(roofline, world_size, per_rank[0]["threads"], step_bytes)
+                ceiling, probe_note = row_ceiling(per_rank, step_bytes)
                 rows.append(step_row(case, world_size, per_rank[0]["step_s"], per_rank[0]["threads"], step_bytes,
-                                     ceiling, [tokens_note(per_rank[0]["tokens"], reference)],
+                                     ceiling, [probe_note, tokens_note(per_rank[0]["tokens"], reference)],
                                      f"{config},transformers"))
     finally:
         if own_dir:

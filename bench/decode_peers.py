@@ -13,6 +13,8 @@ from typing import List, Optional
 
 import torch
 
+import decode_roofline
+
 
 def missing_packages(tensor_parallel: bool) -> Optional[str]:
     """Why a peer cannot run here (a package it needs does not import), or None."""
@@ -66,8 +68,11 @@ def rank_hf(tp, checkpoint: str, prompt: List[int], new_tokens: int, rounds: int
         kwargs["distributed_config"] = DistributedConfig(tp_plan="auto")  # over the ranks' gloo world group
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **kwargs).eval()
     _generate(model, prompt, 2)  # warm-up
+    probes = decode_roofline.RoundProbes(tp)  # as bench/decode_e2e.py's rows take them
     tokens, step_s = None, []
     for _ in range(rounds):
+        probes.take()
         tokens, steps = _generate(model, prompt, new_tokens)
         step_s += steps
-    return {"tokens": tokens, "step_s": step_s, "threads": torch.get_num_threads()}
+    probes.take()
+    return {"tokens": tokens, "step_s": step_s, "threads": torch.get_num_threads(), "probe_gbps": probes.release()}

@@ -238,14 +238,22 @@ def test_split_waits_separates_waiting_from_the_collective():
 def test_decode_e2e_roofline_and_targets_table():
     roofline = {"one_process_1_thread": 18.0, "one_process_2_threads": 20.0, "two_processes_each": [17.0, 15.0],
                 "two_processes_total": 32.0}
-    assert decode_e2e.roofline_tokens_per_s(roofline, 1, 2, 10 ** 9) == pytest.approx(20.0)
-    assert decode_e2e.roofline_tokens_per_s(roofline, 2, 1, 10 ** 9) == pytest.approx(16.0)
-    rows = [decode_e2e.step_row("tp1 eager", 1, [0.05] * 3, 2, 10 ** 9, 20.0, ["n"], "c"),
+    # a row's ceiling: the median over its probes of the ranks' mean GB/s, over the bytes a step reads per rank
+    ceiling, note = decode_e2e.row_ceiling([{"probe_gbps": [20.0, 10.0, 19.0, 30.0]}], 10 ** 9)
+    assert ceiling == pytest.approx(19.5) and note == "probes GB/s per rank: 10.0-30.0, median 19.5 of 4"
+    per_rank = [{"probe_gbps": [17.0, 9.0, 14.0]}, {"probe_gbps": [15.0, 11.0, 20.0]}]  # per probe: 16, 10, 17
+    ceiling, note = decode_e2e.row_ceiling(per_rank, 10 ** 9)
+    assert ceiling == pytest.approx(16.0) and note == "probes GB/s per rank: 10.0-17.0, median 16.0 of 3"
+    with pytest.raises(ValueError, match="no roofline probe"):
+        decode_e2e.row_ceiling([{"probe_gbps": []}], 10 ** 9)
+    rows = [decode_e2e.step_row("tp1 eager", 1, [0.05] * 3, 2, 10 ** 9, 20.0, ["probes GB/s per rank: 19.0-21.0, "
+                                                                              "median 20.0 of 4"], "c"),
             decode_e2e.step_row("tp2 shm eager", 2, [0.025] * 3, 1, 10 ** 9, 16.0, ["n"], "c")]
     assert rows[1].ceiling_fraction == pytest.approx(40 / 16.0) and rows[0].gbps == pytest.approx(20.0)
     targets = decode_e2e.target_values({r.case: r for r in rows}, "tp2 shm eager")
     assert [round(v, 2) if v is not None else None for _, v, _ in targets] == [2.5, 2.0, None, None]
     table = decode_e2e.markdown(rows, roofline, targets)
+    assert "| tp1 eager | 20.0 | 50.0 (50.0-50.0) | 20.0 (19.0-21.0) | 100% |" in table
     assert "| tp2 shm eager | 40.0 | 25.0 (25.0-25.0) | 16.0 | 250% |" in table
     assert "| TP=2 / our TP=1 (tp2 shm eager) | 2.00 | 1.5 | yes |" in table
     assert "| TP=2 / transformers tp_plan TP=2 (tp2 shm eager) | n/a | 2.5 | n/a |" in table
