@@ -109,16 +109,6 @@ def write_checkpoint(path: str, preset: str) -> str:
 # our rows, on each rank
 # ----------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def forced_backend(tp, backend: Optional[str]):
-    """Every collective of tp served by backend (None: the group's own choice)."""
-    if backend is None:
-        yield
-        return
-    with tp.use_backend(backend):
-        yield
-
-
-@contextlib.contextmanager
 def counting_backend_calls(tp):
     """Counts of the calls each backend received inside the block: "torch" = torch.distributed collectives
     (patched at the module, where TorchCommunicator looks them up), "shm" = steps of the shared-memory
@@ -158,7 +148,9 @@ def rank_ours(tp, checkpoint: str, prompt: List[int], new_tokens: int, rounds: i
     probes = decode_roofline.RoundProbes(tp)
 
     def run(variant: Variant):
-        with forced_backend(tp, variant.backend), counting_backend_calls(tp) as calls:
+        # backend None (TP=1): the group's own choice
+        forced = tp.use_backend(variant.backend) if variant.backend else contextlib.nullcontext()
+        with forced, counting_backend_calls(tp) as calls:
             tokens, stats = generate(model, [prompt], new_tokens, eos_token_ids=(), compile=variant.compile)
         per_token = {k: v / (stats.n_decode_steps + 1) for k, v in calls.items()}  # the prefill makes as many
         return tokens[0], stats, per_token
@@ -355,11 +347,12 @@ def main() -> int:
                                         variants, timeout_s=RANK_TIMEOUT_S)
             first = per_rank[0]
             decode_bytes[world_size] = first["decode_bytes_per_rank"]
+            # the variants ran in the same processes, between the same probes: one ceiling for all
+            ceiling, probe_note = row_ceiling(per_rank, first["decode_bytes_per_rank"])
             for variant in variants:
                 result = first["variants"][variant]
                 if reference is None:  # tp1 eager, or the first row there is
                     reference = result["tokens"]
-                ceiling, probe_note = row_ceiling(per_rank, first["decode_bytes_per_rank"])
                 notes = [probe_note]
                 if not variant.compile:
                     parts = breakdown(per_rank, variant)

@@ -34,7 +34,7 @@ REPO_ROOT = os.path.dirname(BENCH_DIR)
 # gpu-check runs from the checkout it builds in place (no install on the GPU machine), so the tree's
 # tp_kernels is what every step imports (PYTHONPATH, step_env); bench/ is first on sys.path as for every
 # bench script run as `python bench/x.py`.
-from gpu_check_report import StepResult, parse_pytest_output, summary_lines, write_results
+from gpu_check_report import StepResult, _join, parse_pytest_output, summary_lines, write_results
 
 DEFAULT_RESULTS_DIR = os.path.join(BENCH_DIR, "results", "gpu")
 BENCH_RESULTS_ENV = "TP_KERNELS_BENCH_RESULTS_DIR"  # bench/common.py writes its rows there when set
@@ -223,7 +223,7 @@ def run_step(step: Step, root: str, limit_s: float, log_dir: str, env: Dict[str,
         result.status = "failed"
         result.detail = _join(f"exit status {proc.returncode}", result.detail)
         if not result.failures:
-            result.failures = [line for line in output.strip().splitlines()[-3:]]
+            result.failures = output.strip().splitlines()[-3:]
     elif step.kind == "tests" and result.counts.get("passed", 0) == 0:
         result.status = "skipped"
     else:
@@ -238,10 +238,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
-
-
-def _join(*parts: str) -> str:
-    return "; ".join(p for p in parts if p)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -206,13 +206,14 @@ def _plot_steps(results: Sequence[StepResult], path: str) -> Optional[str]:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(results) + 1.6))
-    names = [r.name for r in results][::-1]
     ordered = list(results)[::-1]
+    names = [r.name for r in ordered]
     ax.barh(names, [r.budget_s for r in ordered], color="none", edgecolor="black", label="budget")
     ax.barh(names, [r.seconds for r in ordered], color=[_STATUS_COLOR.get(r.status, "tab:blue") for r in ordered],
             label="time taken (colour: result)")
+    label_gap = 0.01 * max(r.budget_s for r in ordered)
     for y, r in enumerate(ordered):
-        ax.text(r.seconds + 0.01 * max(r.budget_s for r in ordered), y, r.status, va="center", fontsize=8)
+        ax.text(r.seconds + label_gap, y, r.status, va="center", fontsize=8)
     ax.set_xlabel("seconds")
     ax.set_title("gpu-check: time per step vs its budget")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)

@@ -51,12 +51,17 @@ ARCH = "sm_90"  # the H100's config table
 DECODE_TILE_BEFORE = configs.TileConfig(16, 32, 64, num_warps=4, num_stages=4)
 
 
+def table_config(n_tokens):
+    """The kernel's config for n_tokens on ARCH (configs.qkv_config, by arch instead of device)."""
+    return configs.QKV_CONFIGS[(ARCH, configs.dtype_class(DTYPE), configs.m_bucket(n_tokens))]
+
+
 def before_split_k(n_tokens):
     """The config the kernel had for n_tokens before split-K: DECODE_TILE_BEFORE at decode, else today's
     tile with split-K off."""
-    config = configs.QKV_CONFIGS[(ARCH, configs.dtype_class(DTYPE), configs.m_bucket(n_tokens))]
-    return DECODE_TILE_BEFORE if configs.m_bucket(n_tokens) == configs.M_BUCKETS[0] else \
-        dataclasses.replace(config, split_k=False)
+    if configs.m_bucket(n_tokens) == configs.M_BUCKETS[0]:
+        return DECODE_TILE_BEFORE
+    return dataclasses.replace(table_config(n_tokens), split_k=False)
 
 
 def fused_launch(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_dim, config):
@@ -90,7 +95,7 @@ def modeled_times(n_tokens, hidden, n_heads_per_rank, n_kv_heads_per_rank, head_
     # fused: read x, w, bias and cos/sin once, write q, k, v once
     fused_bytes = x_bytes + weight_bytes + cos_sin_bytes + out_bytes
     if config is None:
-        config = configs.QKV_CONFIGS[(ARCH, configs.dtype_class(DTYPE), configs.m_bucket(n_tokens))]
+        config = table_config(n_tokens)
     programs, in_flight, per_sm, partial_bytes = fused_launch(n_tokens, hidden, n_heads_per_rank,
                                                               n_kv_heads_per_rank, head_dim, config)
     fused = cost_model.latency_bound_time_s(gemm_flops, fused_bytes + partial_bytes, programs, in_flight, hw, DTYPE,
@@ -122,6 +127,9 @@ def _shape(n_tokens, hidden, nq, nkv, head_dim):
 def modeled_rows():
     hw = HARDWARE["H100"]
     env = dict(environment(), device=f"modeled:{hw.name}", triton="n/a")
+    latency = cost_model.MEMORY_LATENCY[hw.name]
+    notes = (f"fused: roofline with Little's-law bandwidth ({latency.dram_latency_ns:.0f} ns assumed latency, "
+             f"{latency.sm_count} SMs); unfused: roofline per kernel; launch gaps not modeled; {hw.name}: {hw.source}")
     rows = []
     for model, hidden, n_heads, n_kv_heads, head_dim, with_bias, tp_degrees in MODELS:
         for tp in tp_degrees:
@@ -129,12 +137,8 @@ def modeled_rows():
             for n_tokens in N_TOKENS:
                 fused, unfused, fused_bytes, flops, programs = modeled_times(n_tokens, hidden, nq, nkv, head_dim,
                                                                              with_bias, hw)
-                latency = cost_model.MEMORY_LATENCY[hw.name]
                 common = dict(dtype="bfloat16", shape=_shape(n_tokens, hidden, nq, nkv, head_dim),
                               world_size=tp, kind="modeled", env=env)
-                notes = (f"fused: roofline with Little's-law bandwidth ({latency.dram_latency_ns:.0f} ns assumed "
-                         f"latency, {latency.sm_count} SMs); unfused: roofline per kernel; launch gaps not "
-                         f"modeled; {hw.name}: {hw.source}")
                 config = f"model={model} tp={tp} bias={with_bias}"
                 rows.append(Row(bench=BENCH, case="unfused", config=config, median_us=unfused * 1e6,
                                 p20_us=unfused * 1e6, p80_us=unfused * 1e6, notes=notes, **common))
