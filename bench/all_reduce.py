@@ -123,6 +123,21 @@ def agreed_repeats(fn: Callable[[], object], budget_s: float, lo: int, hi: int) 
     return count[0]
 
 
+def shm_steps_of_one_call(fn: Callable[[], object], comms) -> int:
+    """The steps one untimed call of fn runs on the shm communicators `comms` (every rank makes the call): a
+    row's proof of the backend it names, > 0 for a path through shared memory, 0 for gloo or no collective."""
+    before = sum(c.sequence for c in comms)
+    fn()
+    return sum(c.sequence for c in comms) - before
+
+
+def check_backend_proof(path: str, shm_steps: int, through_shm: bool) -> None:
+    """Raises unless the path did (through_shm) or did not run steps on the shm communicator."""
+    if (shm_steps > 0) != through_shm:
+        raise RuntimeError(f"path {path!r} ran {shm_steps} shm steps in one call: it "
+                           f"{'did not reach' if through_shm else 'reached'} the shared-memory communicator")
+
+
 def time_collective(fn: Callable[[], object], budget_s: float) -> Timing:
     """One path's calls back to back after a barrier (bench/allreduce_rmsnorm.py)."""
     repeats = agreed_repeats(fn, budget_s, lo=10, hi=20000)
@@ -186,8 +201,11 @@ def _bench_rank(tp, args) -> List[dict]:
         if args.no_gloo:
             paths.pop("gloo")
         bar.set_postfix_str(f"{dtype_name} {size_label(n_bytes)}")
+        shm_steps = {path: shm_steps_of_one_call(fn, {group_comm, comm}) for path, fn in paths.items()}
+        for path, steps in shm_steps.items():
+            check_backend_proof(path, steps, through_shm=path.startswith("shm"))
         for path, timing in time_interleaved(paths, args.budget_s * len(paths), args.rounds).items():
-            records.append(dict(path=path, dtype=dtype_name, n_bytes=n_bytes, timing=timing))
+            records.append(dict(path=path, dtype=dtype_name, n_bytes=n_bytes, timing=timing, shm_steps=shm_steps[path]))
         copy = measure(lambda: dst.copy_(src), warmup=3, repeats=max(10, min(2000, int(2e9 / max(n_bytes, 1)))))
         # rank 0's learned cost of either kind of publishing stores for this size, after its calls
         records.append(dict(path="copy", dtype=dtype_name, n_bytes=n_bytes, timing=copy,
@@ -217,7 +235,8 @@ def to_rows(records: List[dict], world_size: int) -> List[Row]:
             world_size=world_size, gbps=n_bytes / t.median_s / 1e9, ceiling_fraction=floor_s / t.median_s,
             baseline=None if gloo is None or r["path"] == "gloo" else "gloo",
             ratio=None if gloo is None or r["path"] == "gloo" else gloo.median_s / t.median_s,
-            notes=(f"floor {floor_s * 1e6:.1f} us = 2 x measured {size_label(n_bytes)} single-core copy; "
+            notes=(f"shm steps in one untimed call: {r['shm_steps']}; "
+                   f"floor {floor_s * 1e6:.1f} us = 2 x measured {size_label(n_bytes)} single-core copy; "
                    "ceiling_fraction = floor / median; gbps = algbw (bytes / time); ratio = gloo / this")))
     return rows
 

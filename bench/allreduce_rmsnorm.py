@@ -25,7 +25,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from all_reduce import DTYPES, launch, parse_dtypes, time_collective
+from all_reduce import DTYPES, check_backend_proof, launch, parse_dtypes, shm_steps_of_one_call, time_collective
 from common import RESULTS_DIR, Row, markdown_table, plot_lines, write_rows
 
 EPS = 1e-6
@@ -63,7 +63,9 @@ def _bench_rank(tp, args) -> List[dict]:
         }
         for path, fn in paths.items():
             bar.set_postfix_str(f"{dtype_name} T={n_tokens} {path}")
-            records.append(dict(path=path, dtype=dtype_name, n_tokens=n_tokens,
+            shm_steps = shm_steps_of_one_call(fn, [comm])
+            check_backend_proof(path, shm_steps, through_shm=True)  # every path reduces through shm
+            records.append(dict(path=path, dtype=dtype_name, n_tokens=n_tokens, shm_steps=shm_steps,
                                 timing=time_collective(fn, args.budget_s)))
     return records
 
@@ -82,7 +84,8 @@ def to_rows(records: List[dict], hidden: int, world_size: int) -> List[Row]:
             dtype=r["dtype"], shape=f"({r['n_tokens']}, {hidden})", world_size=world_size,
             gbps=n_bytes / t.median_s / 1e9, baseline=None if r["path"] == baseline else baseline,
             ratio=None if r["path"] == baseline else base.median_s / t.median_s,
-            notes="ratio = baseline time / this time; gbps = bytes of x per rank / time"))
+            notes=f"shm steps in one untimed call: {r['shm_steps']}; "
+                  "ratio = baseline time / this time; gbps = bytes of x per rank / time"))
     return rows
 
 

@@ -19,6 +19,7 @@ BENCH_DIR = os.path.join(REPO_ROOT, "bench")
 # same way here, and take bench/ off sys.path again so nothing imported later resolves there.
 _saved_path = list(sys.path)
 sys.path.insert(0, BENCH_DIR)
+import all_reduce  # noqa: E402
 import common  # noqa: E402
 import decode_e2e  # noqa: E402
 import decode_model  # noqa: E402
@@ -275,10 +276,23 @@ def test_all_reduce_bench_times_every_path_interleaved():
     """One tiny run: a row per path, the op and in-place op rows beside the direct ones."""
     name = "test_all_reduce_smoke"
     out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "bench", "all_reduce.py"), "--sizes", "4K",
-                          "--dtypes", "fp32", "--no-gloo", "--rounds", "2", "--budget-s", "0.01", "--name", name],
+                          "--dtypes", "fp32", "--rounds", "2", "--budget-s", "0.01", "--name", name],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = common.read_rows(os.path.join(common.RESULTS_DIR, f"{name}.csv"))
     assert [r["case"] for r in rows] == ["shm-direct", "shm-direct-out", "shm-inplace", "shm-op", "shm-op-inplace",
-                                         "touch"]
+                                         "gloo", "touch"]
     assert all(r["median_us"] > 0 and r["kind"] == "measured" for r in rows)
+    # each row proves its backend: the shm rows ran steps on the shared-memory communicator, gloo and touch none
+    steps = {r["case"]: int(r["notes"].split("shm steps in one untimed call: ")[1].split(";")[0]) for r in rows}
+    assert all(steps[case] > 0 for case in steps if case.startswith("shm")), steps
+    assert steps["gloo"] == 0 and steps["touch"] == 0, steps
+
+
+def test_a_bench_path_that_misses_its_backend_raises():
+    all_reduce.check_backend_proof("shm-op", 2, through_shm=True)
+    all_reduce.check_backend_proof("gloo", 0, through_shm=False)
+    with pytest.raises(RuntimeError, match="'shm-op' ran 0 shm steps in one call: it did not reach"):
+        all_reduce.check_backend_proof("shm-op", 0, through_shm=True)
+    with pytest.raises(RuntimeError, match="'gloo' ran 1 shm steps in one call: it reached"):
+        all_reduce.check_backend_proof("gloo", 1, through_shm=False)
