@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from tp_kernels.distributed import TPGroup
 from tp_kernels.layers.linear import ColumnParallelLinear
-from tp_kernels.layers.sharding import check_size, check_tp, copy_into, divide, expect_shape, rows_of
+from tp_kernels.layers.sharding import (check_bias_given, check_size, check_tp, copy_into, divide, expect_shape,
+                                        rows_of)
 
 
 def heads_of_rank(n_heads: int, tp: TPGroup, what: str, count_name: str = "n_heads") -> Tuple[int, int]:
@@ -115,8 +116,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def load_full(self, weight, bias=None) -> None:
         """From the fused full weight ((n_heads + 2 n_kv_heads) * head_dim, hidden_size), rows [q; k; v]."""
         expect_shape("weight", weight, (self.out_features, self.in_features))
-        if (bias is None) != (self.bias is None):
-            raise ValueError(f"bias given: {bias is not None}, but the layer was built with bias={self.bias is not None}")
+        check_bias_given(bias, self.bias)
         rows = self._head_rows()
         copy_into(self.weight, torch.cat([rows_of(weight, o + a, o + b) for o, a, b in rows]), "weight")
         if bias is not None:

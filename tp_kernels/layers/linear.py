@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from tp_kernels import ops
 from tp_kernels.comm import symmetric
 from tp_kernels.distributed import TPGroup
-from tp_kernels.layers.sharding import (check_input, check_sequence_split, check_size, check_tp, cols_of, copy_into,
-                                        divide, expect_shape, init_linear_, rows_of)
+from tp_kernels.layers.sharding import (check_bias_given, check_input, check_sequence_split, check_size, check_tp,
+                                        cols_of, copy_into, divide, expect_shape, init_linear_, rows_of)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -55,8 +55,7 @@ class ColumnParallelLinear(nn.Module):
         expect_shape("weight", weight, (self.out_features, self.in_features))
         start, stop = self._row_range()
         copy_into(self.weight, rows_of(weight, start, stop), "weight")
-        if (bias is None) != (self.bias is None):
-            raise ValueError(f"bias given: {bias is not None}, but the layer was built with bias={self.bias is not None}")
+        check_bias_given(bias, self.bias)
         if bias is not None:
             expect_shape("bias", bias, (self.out_features,))
             copy_into(self.bias, rows_of(bias, start, stop), "bias")
@@ -123,8 +122,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         list with one full weight (out_features[i], in_features) per part (and likewise for bias)."""
         weights = weight if isinstance(weight, (list, tuple)) else None
         biases = bias if isinstance(bias, (list, tuple)) else None
-        if (bias is None) != (self.bias is None):
-            raise ValueError(f"bias given: {bias is not None}, but the layer was built with bias={self.bias is not None}")
+        check_bias_given(bias, self.bias)
         if weights is None:
             expect_shape("weight", weight, (self.out_features, self.in_features))
         elif len(weights) != len(self.part_out_features):
@@ -214,8 +212,7 @@ class RowParallelLinear(nn.Module):
         is kept whole (it is added once, after the reduction)."""
         expect_shape("weight", weight, (self.out_features, self.in_features))
         copy_into(self.weight, cols_of(weight, *self._col_range()), "weight")
-        if (bias is None) != (self.bias is None):
-            raise ValueError(f"bias given: {bias is not None}, but the layer was built with bias={self.bias is not None}")
+        check_bias_given(bias, self.bias)
         if bias is not None:
             expect_shape("bias", bias, (self.out_features,))
             copy_into(self.bias, bias[:], "bias")

@@ -57,6 +57,12 @@ def copy_into(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
         param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
+def check_bias_given(bias, layer_bias: Optional[torch.Tensor]) -> None:
+    """load_full's bias: a full one exactly when the layer was built with one."""
+    if (bias is None) != (layer_bias is None):
+        raise ValueError(f"bias given: {bias is not None}, but the layer was built with bias={layer_bias is not None}")
+
+
 def init_linear_(weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in: int) -> None:
     """nn.Linear's default initialization, with the fan-in of the full (unsharded) layer."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from tp_kernels import ops
 from tp_kernels.distributed import TPGroup
-from tp_kernels.layers.sharding import check_input, check_size, check_tp, expect_shape, init_linear_, rows_of
+from tp_kernels.layers.sharding import (check_bias_given, check_input, check_size, check_tp, expect_shape,
+                                        init_linear_, rows_of)
 
 
 class _VocabShard(nn.Module):
@@ -25,19 +26,21 @@ class _VocabShard(nn.Module):
         self.vocab_start = tp.rank * self.vocab_size_per_rank
         self.weight = nn.Parameter(torch.empty(self.vocab_size_per_rank, dim, dtype=dtype, device=device))
 
+    def _n_real_rows(self) -> int:
+        """How many of this rank's rows are real vocabulary (the rest, if any, is padding)."""
+        return max(0, min(self.vocab_size - self.vocab_start, self.vocab_size_per_rank))
+
     def _zero_padding_rows(self) -> None:
-        n_real = max(0, min(self.vocab_size - self.vocab_start, self.vocab_size_per_rank))
         with torch.no_grad():
-            self.weight[n_real:].zero_()
+            self.weight[self._n_real_rows():].zero_()
 
     def load_full(self, weight) -> None:
         """Keep this rank's rows of the full (vocab_size, dim) table; padding rows are zero."""
         expect_shape("weight", weight, (self.vocab_size, self.dim))
-        stop = min(self.vocab_start + self.vocab_size_per_rank, self.vocab_size)
-        n_real = max(0, stop - self.vocab_start)
+        n_real = self._n_real_rows()
         with torch.no_grad():
             if n_real:
-                shard = rows_of(weight, self.vocab_start, stop)
+                shard = rows_of(weight, self.vocab_start, self.vocab_start + n_real)
                 self.weight[:n_real].copy_(shard.to(device=self.weight.device, dtype=self.weight.dtype))
         self._zero_padding_rows()
 
@@ -99,16 +102,15 @@ class ParallelLMHead(_VocabShard):
 
     def load_full(self, weight, bias=None) -> None:
         super().load_full(weight)
-        if (bias is None) != (self.bias is None):
-            raise ValueError(f"bias given: {bias is not None}, but the layer was built with bias={self.bias is not None}")
+        check_bias_given(bias, self.bias)
         if bias is not None:
             expect_shape("bias", bias, (self.vocab_size,))
-            stop = min(self.vocab_start + self.vocab_size_per_rank, self.vocab_size)
-            n_real = max(0, stop - self.vocab_start)
+            n_real = self._n_real_rows()
             with torch.no_grad():
                 self.bias.zero_()
                 if n_real:
-                    self.bias[:n_real].copy_(rows_of(bias, self.vocab_start, stop).to(self.bias.dtype))
+                    shard = rows_of(bias, self.vocab_start, self.vocab_start + n_real)
+                    self.bias[:n_real].copy_(shard.to(self.bias.dtype))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, tp: TPGroup) -> "ParallelLMHead":

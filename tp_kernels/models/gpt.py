@@ -149,9 +149,8 @@ class LlamaBlock(nn.Module):
         normed, residual = _reduce_add_rmsnorm(_row_parallel_partial(self.attn.o_proj, o), residual,
                                                self.post_attn_norm, self.eps, self.tp)
         # the merged projection's weight, without the module call and its input check (~4 us a layer): normed
-        # comes from the norm above, (B * S, dim) by construction
-        gate, up = F.linear(normed, self.gate_up.weight, self.gate_up.bias).split_with_sizes(
-            self.gate_up.part_out_features_per_rank, dim=-1)  # (B * S, intermediate_size_per_rank) each
+        # comes from the norm above, (B * S, dim) by construction; gate, up: (B * S, intermediate_size_per_rank) each
+        gate, up = self.gate_up.split(F.linear(normed, self.gate_up.weight, self.gate_up.bias))
         return _reduce_add_rmsnorm(_row_parallel_partial(self.down, F.silu(gate) * up), residual, next_norm,
                                    self.eps, self.tp)
 

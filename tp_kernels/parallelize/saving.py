@@ -93,7 +93,6 @@ def save_pretrained(model: nn.Module, save_directory, *, max_shard_bytes: int = 
     writes. Returns the file names written (on rank 0; [] on the others). Raises on every rank if rank 0
     could not write.
     """
-
     plan = getattr(model, PLAN_ATTRIBUTE, None)
     if plan is None:
         raise ValueError(f"save_pretrained: this {type(model).__name__} was not converted by "

@@ -19,6 +19,7 @@ the original module's layout, for saving.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -27,9 +28,8 @@ import torch.nn as nn
 
 from tp_kernels import ops
 from tp_kernels.distributed import TPGroup
-from tp_kernels.layers import HeadParallelLinear, heads_of_rank
-from tp_kernels.layers import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                               RowParallelLinear, VocabParallelEmbedding)
+from tp_kernels.layers import (ColumnParallelLinear, HeadParallelLinear, MergedColumnParallelLinear, ParallelLMHead,
+                               QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding, heads_of_rank)
 
 # build(full_module, layers_built_so_far) -> layer; load(layer, full_module); gather(layer) -> {param: full tensor}
 Build = Callable[[nn.Module, Dict[str, nn.Module]], nn.Module]
@@ -171,11 +171,12 @@ def _distinct_ranks(stacked: torch.Tensor, ranks_per_copy: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # styles
 # ----------------------------------------------------------------------------------------------------------
-class Style:
+class Style(ABC):
     """A way to split one module. `swap(site)` checks the module and plans its replacement."""
 
+    @abstractmethod
     def swap(self, site: Site) -> LayerSwap:
-        raise NotImplementedError
+        """Check the module at site and plan its replacement; raise PlanError when it does not fit."""
 
     def __repr__(self) -> str:
         return type(self).__name__ + "()"
