@@ -74,7 +74,7 @@ def _greedy_on_rank(tp, cases, vocab, grad_mode):
     with torch.set_grad_enabled(grad_mode):
         for logits in cases:
             local = torch.full((logits.shape[0], per_rank), float("nan"), dtype=logits.dtype)  # poisoned padding
-            n_real = min(per_rank, vocab - start)
+            n_real = max(0, min(per_rank, vocab - start))  # 0 on a rank that holds only padding rows
             local[:, :n_real] = logits[:, start:start + n_real]
             out.append(greedy_vocab_parallel(local, start, n_real, tp))
     return out
@@ -95,6 +95,17 @@ def test_greedy_vocab_parallel_is_argmax_of_the_gathered_logits(world_size, grad
         for i, (logits, got) in enumerate(zip(cases, tokens)):
             assert got.dtype == torch.int64
             assert torch.equal(got, logits.float().argmax(-1)), f"case {i}, rank {rank}: {got} != argmax"
+
+
+def test_greedy_vocab_parallel_with_a_rank_of_padding_only():
+    """vocab 5 over 4 ranks: 2 rows per rank, rank 3 holds only padding; every real logit negative, so a
+    rank without a candidate must not win with the table's zero."""
+    from conftest import spawn_ranks
+
+    cases = [torch.randn(3, 5) - 10, torch.randn(3, 5)]
+    for rank, tokens in enumerate(spawn_ranks(4, _greedy_on_rank, cases, 5, False)):
+        for i, (logits, got) in enumerate(zip(cases, tokens)):
+            assert torch.equal(got, logits.argmax(-1)), f"case {i}, rank {rank}: {got} != argmax"
 
 
 def test_greedy_vocab_parallel_rejects_bad_arguments():

@@ -299,7 +299,7 @@ class GPT(nn.Module):
         all-reduce of 2 numbers per rank and row picks the winner (ties: the lowest token id, as argmax)."""
         head = self.lm_head
         local = F.linear(h, head.weight, head.bias)  # (B, vocab_size_per_rank)
-        n_real = min(head.vocab_size_per_rank, head.vocab_size - head.vocab_start)
+        n_real = max(0, min(head.vocab_size_per_rank, head.vocab_size - head.vocab_start))  # 0: padding only
         return greedy_vocab_parallel(local, head.vocab_start, n_real, self.tp)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,

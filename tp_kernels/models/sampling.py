@@ -61,9 +61,16 @@ def greedy_vocab_parallel(local_logits: torch.Tensor, vocab_start: int, n_real: 
     """
     if local_logits.dim() != 2:
         raise ValueError(f"local_logits must be (batch, vocab_size_per_rank), got shape {tuple(local_logits.shape)}")
-    if not 0 < n_real <= local_logits.shape[-1]:
-        raise ValueError(f"n_real must be in [1, {local_logits.shape[-1]}], got {n_real}")
-    best, index = local_logits[:, :n_real].max(dim=-1)  # (B,) each: this slice's max, its first position
+    # With several ranks, a vocabulary smaller than its padded split leaves the last ranks only padding rows
+    # (n_real 0): they take part in the all-reduce with no candidate.
+    lowest = 0 if tp.world_size > 1 else 1
+    if not lowest <= n_real <= local_logits.shape[-1]:
+        raise ValueError(f"n_real must be in [{lowest}, {local_logits.shape[-1]}], got {n_real}")
+    if n_real == 0:
+        best = torch.full(local_logits.shape[:1], float("-inf"), dtype=local_logits.dtype, device=local_logits.device)
+        index = torch.zeros(local_logits.shape[:1], dtype=torch.int64, device=local_logits.device)
+    else:
+        best, index = local_logits[:, :n_real].max(dim=-1)  # (B,) each: this slice's max, its first position
     if tp.world_size == 1:
         return index
     from tp_kernels import ops
