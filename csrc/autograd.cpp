@@ -168,14 +168,11 @@ void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, to
       }
     }
   }
-  if (!needs_graph) {
-    run_below_autograd(op, keys, stack);
-    for (const auto& t : written) torch::autograd::impl::bump_version(t);
-    return;
-  }
-  std::vector<c10::IValue> inputs(stack->end() - n_args, stack->end());  // the call consumes the stack
+  std::vector<c10::IValue> inputs;  // kept for the graph only: the call consumes the stack
+  if (needs_graph) inputs.assign(stack->end() - n_args, stack->end());
   run_below_autograd(op, keys, stack);
   for (const auto& t : written) torch::autograd::impl::bump_version(t);
+  if (!needs_graph) return;
 
   edge_list edges;  // one per tensor argument, in schema order (an empty edge for None)
   for (size_t i = 0; i < n_args; ++i) {

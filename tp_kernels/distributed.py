@@ -37,11 +37,12 @@ from tp_kernels import comm
 from tp_kernels._extension import _C
 from tp_kernels.comm import rendezvous
 from tp_kernels.comm.base import Communicator, IdentityCommunicator, comm_timeout_s
+# The dtypes the C++ CPU kernels hand to a registered shared-memory communicator without asking Python:
+# the ones the shm communicator serves.
+from tp_kernels.comm.shm import SUPPORTED_DTYPES as _NATIVE_CPU_DTYPES
 
 _GROUPS: Dict[str, "TPGroup"] = {}
 SINGLE_GROUP_NAME = "tp_kernels.single"
-# The dtypes the C++ CPU kernels hand to a registered shared-memory communicator without asking Python.
-_NATIVE_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class TPGroup:
@@ -62,7 +63,6 @@ class TPGroup:
         if backends is not None and communicators is not None:
             raise ValueError("give backends (names, the chain is built) or communicators (a ready chain), not both")
         self.rank, self.world_size, self.name, self.process_group = rank, world_size, name, process_group
-        self.backends = comm.check_backend_names(backends if backends is not None else comm.DEFAULT_BACKENDS)
         self._forced: Optional[str] = None
         self._owner_thread = threading.get_ident()
         self._helper_thread: Optional[int] = None
@@ -73,6 +73,8 @@ class TPGroup:
                                 f"got {communicators!r}")
             self.backends = tuple(c.name for c in chain)
         else:
+            # checked before the barrier: a bad name raises here, not after waiting for the other ranks
+            self.backends = comm.check_backend_names(backends if backends is not None else comm.DEFAULT_BACKENDS)
             if process_group is not None and world_size > 1:
                 rendezvous.group_barrier(process_group, name, rank, world_size)
             chain = comm.build_chain(self, self.backends, warn_missing=backends is not None)

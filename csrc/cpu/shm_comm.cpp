@@ -769,7 +769,7 @@ std::tuple<at::Tensor, at::Tensor> ShmCommunicator::allreduce_residual_rmsnorm(c
                    false);
     });
     const void* sum = reduced.data_ptr();
-    reduce_residual_rmsnorm(dtype, &sum, 1, x.numel() / hidden, hidden, res, weight.data_ptr(), epsf, normed_out,
+    reduce_residual_rmsnorm(dtype, &sum, 1, n_rows, hidden, res, weight.data_ptr(), epsf, normed_out,
                             residual_out, nullptr);
     return {normed, new_residual};
   }

@@ -52,8 +52,8 @@ def nvlink_row(my_pci: Optional[str], peer_pci_ids: Sequence[Optional[str]],
     try:
         nvml = ctypes.CDLL(library)
     except OSError:
-        return [None if pci != my_pci else True for pci in peer_pci_ids]
-    if nvml.nvmlInit_v2() != _NVML_SUCCESS:
+        nvml = None
+    if nvml is None or nvml.nvmlInit_v2() != _NVML_SUCCESS:
         return [None if pci != my_pci else True for pci in peer_pci_ids]
     try:
         mine = _nvml_device(nvml, my_pci)
