@@ -13,8 +13,8 @@ from typing import Dict, Tuple
 
 import torch
 
-from tp_kernels.kernels.configs import ARCHS, DTYPE_CLASSES, M_BUCKETS, SHARED_MEMORY_LIMIT, TileConfig, arch_of, \
-    dtype_class, m_bucket
+from tp_kernels.kernels.configs import ARCHS, DTYPE_CLASSES, M_BUCKETS, TileConfig, _make, arch_of, dtype_class, \
+    m_bucket
 
 MAX_TILE_ELEMENTS = {"16bit": 4096, "fp32": 2048}
 FUSED_TILES = {"16bit": {16: (16, 64), 64: (32, 128), None: (64, 64)},
@@ -22,18 +22,10 @@ FUSED_TILES = {"16bit": {16: (16, 64), 64: (32, 128), None: (64, 64)},
 assert all(m * n <= MAX_TILE_ELEMENTS[dc] for dc, by_bucket in FUSED_TILES.items() for m, n in by_bucket.values())
 
 
-def _config(arch: str, dc: str, block_m: int, block_n: int) -> TileConfig:
-    """K step and stages by configs.py's rule: 32 (fp32) or 64 (16-bit) deep, as many stages of
-    (BLOCK_M + BLOCK_N) x BLOCK_K elements as the arch's shared memory holds, 2 to 4."""
-    block_k, element_bytes = (32, 4) if dc == "fp32" else (64, 2)
-    stage_bytes = (block_m + block_n) * block_k * element_bytes
-    return TileConfig(block_m, block_n, block_k, num_warps=4,
-                      num_stages=max(2, min(4, SHARED_MEMORY_LIMIT[arch] // stage_bytes)))
-
-
-# (arch, dtype class, row bucket) -> config
+# (arch, dtype class, row bucket) -> config; K step and stages by configs.py's rule (_make): 32 (fp32) or 64
+# (16-bit) deep, as many stages of (BLOCK_M + BLOCK_N) x BLOCK_K elements as the arch's shared memory holds, 2 to 4
 FUSED_CONFIGS: Dict[Tuple[str, str, object], TileConfig] = {
-    (arch, dc, mb): _config(arch, dc, *FUSED_TILES[dc][mb]) for arch in ARCHS for dc in DTYPE_CLASSES for mb in M_BUCKETS}
+    (arch, dc, mb): _make(arch, dc, *FUSED_TILES[dc][mb]) for arch in ARCHS for dc in DTYPE_CLASSES for mb in M_BUCKETS}
 
 
 def fused_config(device: torch.device, dtype: torch.dtype, rows: int) -> TileConfig:

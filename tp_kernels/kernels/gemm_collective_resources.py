@@ -51,27 +51,15 @@ def cases() -> Iterator[tuple]:
                _constants(dtype_class, config), UNHINTED, config)
 
 
-def _compile_nth(index: int):
-    from tp_kernels.kernels.resources import compile_case
-
-    return compile_case(*list(cases())[index])
+def _case_list() -> list:
+    return list(cases())
 
 
 def collect(jobs: int = 1) -> List:
     """Compile every fused case (in `jobs` processes); their KernelResources, in order."""
-    import triton
+    from tp_kernels.kernels.resources import compile_all
 
-    if triton.knobs.runtime.interpret:
-        raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels are interpreted Python functions and cannot "
-                           "be compiled; run with TRITON_INTERPRET unset")
-    n_cases = len(list(cases()))
-    if jobs <= 1:
-        return [_compile_nth(i) for i in range(n_cases)]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile_nth, range(n_cases)))
+    return compile_all(_case_list, jobs)
 
 
 def main(argv=None) -> None:

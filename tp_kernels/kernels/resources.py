@@ -21,6 +21,7 @@ kernels by Python functions that cannot be compiled); it prints one JSON row per
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Tuple
 
 ARCH_CAPABILITY = {"sm_80": 80, "sm_90": 90}
 
@@ -198,25 +199,31 @@ def _all_cases(spill_probe: bool) -> list:
     return list(cases()) + ([_spill_probe_case()] if spill_probe else [])
 
 
-def _compile_nth(index: int, spill_probe: bool) -> KernelResources:
-    return compile_case(*_all_cases(spill_probe)[index])
+def _compile_nth(list_cases: Callable[[], list], index: int) -> KernelResources:
+    return compile_case(*list_cases()[index])
 
 
-def collect(jobs: int = 1, spill_probe: bool = False) -> List[KernelResources]:
-    """Compile every case (in `jobs` processes) and return their resources, in table order."""
+def compile_all(list_cases: Callable[[], list], jobs: int = 1) -> List[KernelResources]:
+    """Compile every case of list_cases() (in `jobs` processes; list_cases must pickle: a module-level
+    function or a partial of one) and return their resources, in its order."""
     import triton
 
     if triton.knobs.runtime.interpret:
         raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels are interpreted Python functions and cannot "
                            "be compiled; run with TRITON_INTERPRET unset")
-    n_cases = len(_all_cases(spill_probe))
+    n_cases = len(list_cases())
     if jobs <= 1:
-        return [_compile_nth(i, spill_probe) for i in range(n_cases)]
+        return [_compile_nth(list_cases, i) for i in range(n_cases)]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile_nth, range(n_cases), [spill_probe] * n_cases))
+        return list(pool.map(_compile_nth, [list_cases] * n_cases, range(n_cases)))
+
+
+def collect(jobs: int = 1, spill_probe: bool = False) -> List[KernelResources]:
+    """Compile every case (in `jobs` processes) and return their resources, in table order."""
+    return compile_all(functools.partial(_all_cases, spill_probe), jobs)
 
 
 def main(argv=None) -> None:

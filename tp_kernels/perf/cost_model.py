@@ -218,11 +218,10 @@ FUSED_ALGOS = ("one_shot", "two_shot")
 
 
 def _fused_tile(m_rows: int, dtype: torch.dtype):
-    from tp_kernels.kernels.gemm_collective_configs import FUSED_TILES  # torch only, no triton
+    # torch only, no triton; the table's own dtype class and row bucket rules
+    from tp_kernels.kernels.gemm_collective_configs import FUSED_TILES, dtype_class, m_bucket
 
-    dtype_class = "fp32" if dtype == torch.float32 else "16bit"
-    bucket = 16 if m_rows <= 16 else 64 if m_rows <= 64 else None
-    return FUSED_TILES[dtype_class][bucket]
+    return FUSED_TILES[dtype_class(dtype)][m_bucket(m_rows)]
 
 
 def fused_time_s(m: int, n: int, k: int, world_size: int, dtype: torch.dtype, hw: Hardware,
